@@ -73,5 +73,5 @@ def http_status(error: BudgetdError) -> HTTPStatus:
 def _lookup(error: BudgetdError) -> tuple[grpc.StatusCode, HTTPStatus]:
     for cls in type(error).__mro__:
         if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]  # type: ignore[index]
+            return ERROR_TABLE[cls]
     return grpc.StatusCode.INTERNAL, HTTPStatus.INTERNAL_SERVER_ERROR

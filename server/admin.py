@@ -1,0 +1,222 @@
+"""The admin path: teams and keys. Authorisation (the master key) is checked by the caller."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import tzinfo
+from typing import Any
+
+from server import validation
+from server.clock import Clock
+from server.errors import InvalidArgument, NotFound
+from server.identity import generate_api_key, hash_api_key, key_display_prefix, new_id
+from server.ledger_sync import read_states
+from server.scopes import key_scope, team_scope
+from server.storage.base import CounterStore, KeyRecord, RecordStore, ScopeBudget, TeamRecord
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TeamView:
+    """A team with its spend in the current window and when that window resets."""
+
+    team: TeamRecord
+    spend_nanos: int
+    budget_reset_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """A key (never its plaintext) with its spend in the current window."""
+
+    key: KeyRecord
+    spend_nanos: int
+    budget_reset_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A newly issued key: the plaintext is here and nowhere else, ever."""
+
+    plaintext: str
+    view: KeyView
+
+
+@dataclass(frozen=True, slots=True)
+class NewTeam:
+    team_alias: str
+    max_budget: float | None = None
+    budget_duration: str = ""
+    team_id: str = ""
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    models: Sequence[str] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TeamChanges:
+    """Fields to change on a team; None leaves a field as it is."""
+
+    team_id: str
+    team_alias: str | None = None
+    max_budget: float | None = None
+    clear_max_budget: bool = False
+    budget_duration: str | None = None  # "none" removes the reset
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    models: Sequence[str] | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    team_id: str
+    key_alias: str = ""
+    max_budget: float | None = None
+    budget_duration: str = ""
+    expires: float | None = None
+    models: Sequence[str] = ()
+    user_id: str = ""
+
+
+class Admin:
+    """Creates, reads and changes teams and keys; every input is checked before a write."""
+
+    def __init__(
+        self, records: RecordStore, counters: CounterStore, clock: Clock, *, tz: tzinfo
+    ) -> None:
+        self._records = records
+        self._counters = counters
+        self._clock = clock
+        self._tz = tz
+
+    async def create_team(self, req: NewTeam) -> TeamView:
+        team = TeamRecord(
+            team_id=validation.identifier(req.team_id, "team_id", required=False)
+            or str(uuid.uuid4()),
+            team_alias=validation.text(req.team_alias, "team_alias"),
+            max_budget_nanos=validation.budget(req.max_budget),
+            budget_duration=_duration_text(req.budget_duration),
+            tpm_limit=validation.limit(req.tpm_limit, "tpm_limit"),
+            rpm_limit=validation.limit(req.rpm_limit, "rpm_limit"),
+            models=validation.models(req.models),
+            metadata=validation.metadata(req.metadata),
+            created_at=self._clock.now(),
+        )
+        return await self._team_view(await self._records.create_team(team))
+
+    async def get_team(self, team_id: str) -> TeamView:
+        return await self._team_view(await self._team(team_id))
+
+    async def list_teams(self, page_size: int, page_token: str) -> tuple[list[TeamView], str]:
+        """A page of teams ordered by id, and the token of the next page ("" at the end)."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, got {page_size}")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        validation.text(page_token, "page_token", limit=validation.MAX_ID)
+        teams = await self._records.list_teams(page_token, size + 1)
+        next_token = teams[size - 1].team_id if len(teams) > size else ""
+        return [await self._team_view(t) for t in teams[:size]], next_token
+
+    async def update_team(self, req: TeamChanges) -> TeamView:
+        team = await self._team(req.team_id)
+        changes: dict[str, Any] = {}
+        if req.team_alias is not None:
+            changes["team_alias"] = validation.text(req.team_alias, "team_alias")
+        if req.clear_max_budget:
+            changes["max_budget_nanos"] = None
+        elif req.max_budget is not None:
+            changes["max_budget_nanos"] = validation.budget(req.max_budget)
+        if req.budget_duration:
+            none = req.budget_duration == "none"
+            changes["budget_duration"] = "" if none else _duration_text(req.budget_duration)
+        if req.tpm_limit is not None:
+            changes["tpm_limit"] = validation.limit(req.tpm_limit, "tpm_limit")
+        if req.rpm_limit is not None:
+            changes["rpm_limit"] = validation.limit(req.rpm_limit, "rpm_limit")
+        if req.models is not None:
+            changes["models"] = validation.models(req.models)
+        if req.metadata is not None:
+            changes["metadata"] = validation.metadata(req.metadata)
+        return await self._team_view(await self._records.update_team(replace(team, **changes)))
+
+    async def issue_key(self, req: NewKey) -> IssuedKey:
+        now = self._clock.now()
+        validation.identifier(req.team_id, "team_id")
+        expires = validation.instant(req.expires, "expires")
+        if expires is not None and expires <= now:
+            raise InvalidArgument("expires must be in the future")
+        plaintext = generate_api_key()
+        key = KeyRecord(
+            key_id=new_id("key"),
+            key_hash=hash_api_key(plaintext),
+            key_prefix=key_display_prefix(plaintext),
+            team_id=req.team_id,
+            key_alias=validation.text(req.key_alias, "key_alias"),
+            max_budget_nanos=validation.budget(req.max_budget),
+            budget_duration=_duration_text(req.budget_duration),
+            expires_at=expires,
+            models=validation.models(req.models),
+            user_id=validation.text(req.user_id, "user_id", limit=validation.MAX_ID),
+            created_at=now,
+        )
+        stored = await self._records.insert_key(key)
+        return IssuedKey(plaintext, await self._key_view(stored))
+
+    async def get_key(self, key_id: str = "", key: str = "") -> KeyView:
+        return await self._key_view(await self._find_key(key_id, key))
+
+    async def revoke_key(self, key_id: str = "", key: str = "") -> KeyView:
+        found = await self._find_key(key_id, key)
+        revoked = await self._records.revoke_key(found.key_id, self._clock.now())
+        if revoked is None:
+            raise NotFound(f"key {found.key_id!r} not found")
+        return await self._key_view(revoked)
+
+    async def _team(self, team_id: str) -> TeamRecord:
+        validation.identifier(team_id, "team_id")
+        team = await self._records.get_team(team_id)
+        if team is None:
+            raise NotFound(f"team {team_id!r} not found")
+        return team
+
+    async def _find_key(self, key_id: str, key: str) -> KeyRecord:
+        if key_id:
+            validation.identifier(key_id, "key_id")
+            found = await self._records.get_key(key_id)
+        elif key:
+            validation.text(key, "key")
+            found = await self._records.get_key_by_hash(hash_api_key(key))
+        else:
+            raise InvalidArgument("key_id or key is required")
+        if found is None:
+            raise NotFound("key not found")
+        return found
+
+    async def _team_view(self, team: TeamRecord) -> TeamView:
+        scope = team_scope(team, self._clock.now(), self._tz)
+        return TeamView(team, await self._spend(team.team_id, scope), _reset_at(scope))
+
+    async def _key_view(self, key: KeyRecord) -> KeyView:
+        scope = key_scope(key, self._clock.now(), self._tz)
+        return KeyView(key, await self._spend(key.team_id, scope), _reset_at(scope))
+
+    async def _spend(self, team_id: str, scope: ScopeBudget) -> int:
+        states = await read_states(
+            self._records, self._counters, team_id, [scope], self._clock.now()
+        )
+        return states[0].spend
+
+
+def _duration_text(value: str) -> str:
+    parsed = validation.duration(value)
+    return parsed.text if parsed is not None else ""
+
+
+def _reset_at(scope: ScopeBudget) -> float | None:
+    return float(scope.window.end) if scope.window.end is not None else None

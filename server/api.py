@@ -1,0 +1,271 @@
+"""The gRPC face of budgetd.v1.BudgetAuthority: wire messages in, domain calls, wire out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from server.admin import Admin, KeyView, NewKey, NewTeam, TeamChanges, TeamView
+from server.authority import Authority, CheckRequest, Decision, SpendRequest
+from server.errors import BudgetdError, Unauthenticated, grpc_code
+from server.gen.budgetd.v1 import budgetd_pb2 as pb
+from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
+from server.identity import bearer_token, master_key_matches
+from server.money import nanos_to_usd
+from server.storage.base import ScopeKind
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("budgetd.api")
+
+NO_MASTER_KEY = (
+    "admin calls are refused: no master key is configured. Set BUDGETD_MASTER_KEY (or "
+    "LITELLM_MASTER_KEY, or general_settings.master_key in the config file) and restart "
+    "budgetd; then send 'authorization: Bearer <master key>'"
+)
+BAD_MASTER_KEY = "admin calls need metadata 'authorization: Bearer <master key>'"
+
+_SCOPES = {
+    ScopeKind.KEY: pb.SCOPE_KEY,
+    ScopeKind.TEAM: pb.SCOPE_TEAM,
+}
+
+
+class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
+    """Servicer: converts messages and maps domain errors through the one error table."""
+
+    def __init__(self, authority: Authority, admin: Admin, master_key: str | None) -> None:
+        self._authority = authority
+        self._admin = admin
+        self._master_key = master_key
+
+    async def CheckBudget(
+        self, request: pb.CheckBudgetRequest, context: Context
+    ) -> pb.CheckBudgetResponse:
+        req = CheckRequest(
+            api_key=request.api_key,
+            model=request.model,
+            estimated_cost=_opt(request, "estimated_cost"),
+            request_id=request.request_id,
+            user_id=request.user_id,
+            max_tokens=_opt(request, "max_tokens"),
+            prompt_tokens=_opt(request, "prompt_tokens"),
+        )
+        decision = await _guard(context, self._authority.check(req))
+        return decision_to_pb(decision)
+
+    async def RecordSpend(
+        self, request: pb.RecordSpendRequest, context: Context
+    ) -> pb.RecordSpendResponse:
+        req = SpendRequest(
+            request_id=request.request_id,
+            reservation_id=request.reservation_id,
+            api_key=request.api_key,
+            cost=_opt(request, "cost"),
+            model=request.model,
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens,
+            metadata=json_format.MessageToDict(request.metadata),
+        )
+        result = await _guard(context, self._authority.record(req))
+        return pb.RecordSpendResponse(
+            team_spend=nanos_to_usd(result.team_spend_nanos),
+            key_spend=nanos_to_usd(result.key_spend_nanos),
+            duplicate=result.duplicate,
+            cost=nanos_to_usd(result.cost_nanos),
+        )
+
+    async def CreateTeam(self, request: pb.CreateTeamRequest, context: Context) -> pb.Team:
+        await self._authorize(context)
+        req = NewTeam(
+            team_alias=request.team_alias,
+            max_budget=_opt(request, "max_budget"),
+            budget_duration=request.budget_duration,
+            team_id=request.team_id,
+            tpm_limit=_opt(request, "tpm_limit"),
+            rpm_limit=_opt(request, "rpm_limit"),
+            models=list(request.models),
+            metadata=json_format.MessageToDict(request.metadata),
+        )
+        return team_to_pb(await _guard(context, self._admin.create_team(req)))
+
+    async def GetTeam(self, request: pb.GetTeamRequest, context: Context) -> pb.Team:
+        await self._authorize(context)
+        return team_to_pb(await _guard(context, self._admin.get_team(request.team_id)))
+
+    async def ListTeams(
+        self, request: pb.ListTeamsRequest, context: Context
+    ) -> pb.ListTeamsResponse:
+        await self._authorize(context)
+        teams, token = await _guard(
+            context, self._admin.list_teams(request.page_size, request.page_token)
+        )
+        return pb.ListTeamsResponse(teams=[team_to_pb(t) for t in teams], next_page_token=token)
+
+    async def UpdateTeam(self, request: pb.UpdateTeamRequest, context: Context) -> pb.Team:
+        await self._authorize(context)
+        req = TeamChanges(
+            team_id=request.team_id,
+            team_alias=_opt(request, "team_alias"),
+            max_budget=_opt(request, "max_budget"),
+            clear_max_budget=request.clear_max_budget,
+            budget_duration=_opt(request, "budget_duration"),
+            tpm_limit=_opt(request, "tpm_limit"),
+            rpm_limit=_opt(request, "rpm_limit"),
+            models=list(request.models) if request.update_models else None,
+            metadata=json_format.MessageToDict(request.metadata)
+            if request.HasField("metadata")
+            else None,
+        )
+        return team_to_pb(await _guard(context, self._admin.update_team(req)))
+
+    async def IssueKey(self, request: pb.IssueKeyRequest, context: Context) -> pb.IssueKeyResponse:
+        await self._authorize(context)
+        req = NewKey(
+            team_id=request.team_id,
+            key_alias=request.key_alias,
+            max_budget=_opt(request, "max_budget"),
+            budget_duration=request.budget_duration,
+            expires=_ts_or_none(request.expires) if request.HasField("expires") else None,
+            models=list(request.models),
+            user_id=request.user_id,
+        )
+        issued = await _guard(context, self._admin.issue_key(req))
+        key = issued.view.key
+        return pb.IssueKeyResponse(
+            key=issued.plaintext,
+            key_id=key.key_id,
+            team_id=key.team_id,
+            key_alias=key.key_alias,
+            max_budget=_usd_or_none(key.max_budget_nanos),
+            budget_duration=key.budget_duration,
+            budget_reset_at=_ts(issued.view.budget_reset_at),
+            expires=_ts(key.expires_at),
+            models=list(key.models),
+            user_id=key.user_id,
+        )
+
+    async def GetKey(self, request: pb.GetKeyRequest, context: Context) -> pb.Key:
+        await self._authorize(context)
+        view = await _guard(context, self._admin.get_key(request.key_id, request.key))
+        return key_to_pb(view)
+
+    async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.Key:
+        await self._authorize(context)
+        view = await _guard(context, self._admin.revoke_key(request.key_id, request.key))
+        return key_to_pb(view)
+
+    async def _authorize(self, context: Context) -> None:
+        """Admin RPCs need the master key; with none configured they are all refused."""
+        if self._master_key is None:
+            await _abort(context, Unauthenticated(NO_MASTER_KEY))
+        metadata = dict(context.invocation_metadata() or ())
+        token = bearer_token(_as_str(metadata.get("authorization")))
+        if not master_key_matches(token, self._master_key):
+            await _abort(context, Unauthenticated(BAD_MASTER_KEY))
+
+
+async def _guard(context: Context, call: Awaitable[T]) -> T:
+    """Await a domain call; a domain error becomes its gRPC status from the error table."""
+    try:
+        return await call
+    except BudgetdError as exc:
+        await _abort(context, exc)
+
+
+async def _abort(context: Context, error: BudgetdError) -> NoReturn:
+    await context.abort(grpc_code(error), str(error))
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def _as_str(value: str | bytes | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _opt(message: Any, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def _usd_or_none(nanos: int | None) -> float | None:
+    return None if nanos is None else nanos_to_usd(nanos)
+
+
+def _ts(instant: float | None) -> timestamp_pb2.Timestamp | None:
+    if instant is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(round(instant * 1_000_000) * 1000)
+    return ts
+
+
+def _ts_or_none(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(data)
+    return out
+
+
+def decision_to_pb(decision: Decision) -> pb.CheckBudgetResponse:
+    """The wire form of a Decision."""
+    return pb.CheckBudgetResponse(
+        allowed=decision.allowed,
+        reason=pb.Reason.Value(decision.reason.value),
+        message=decision.message,
+        team_id=decision.team_id,
+        key_id=decision.key_id,
+        key_alias=decision.key_alias,
+        scope=_SCOPES[decision.scope] if decision.scope else pb.SCOPE_UNSPECIFIED,
+        spend=nanos_to_usd(decision.spend_nanos),
+        max_budget=_usd_or_none(decision.max_budget_nanos),
+        remaining=_usd_or_none(decision.remaining_nanos),
+        budget_reset_at=_ts(decision.budget_reset_at),
+        reservation_id=decision.reservation_id,
+        reserved=nanos_to_usd(decision.reserved_nanos),
+        retry_after=decision.retry_after,
+    )
+
+
+def team_to_pb(view: TeamView) -> pb.Team:
+    """The wire form of a team with its current spend."""
+    team = view.team
+    return pb.Team(
+        team_id=team.team_id,
+        team_alias=team.team_alias,
+        max_budget=_usd_or_none(team.max_budget_nanos),
+        budget_duration=team.budget_duration,
+        budget_reset_at=_ts(view.budget_reset_at),
+        spend=nanos_to_usd(view.spend_nanos),
+        tpm_limit=team.tpm_limit,
+        rpm_limit=team.rpm_limit,
+        models=list(team.models),
+        metadata=_struct(team.metadata),
+        blocked=team.blocked,
+        created_at=_ts(team.created_at),
+    )
+
+
+def key_to_pb(view: KeyView) -> pb.Key:
+    """The wire form of a key (never its plaintext)."""
+    key = view.key
+    return pb.Key(
+        key_id=key.key_id,
+        team_id=key.team_id,
+        key_alias=key.key_alias,
+        max_budget=_usd_or_none(key.max_budget_nanos),
+        budget_duration=key.budget_duration,
+        budget_reset_at=_ts(view.budget_reset_at),
+        spend=nanos_to_usd(view.spend_nanos),
+        expires=_ts(key.expires_at),
+        models=list(key.models),
+        user_id=key.user_id,
+        revoked=key.revoked_at is not None,
+        created_at=_ts(key.created_at),
+        key_prefix=key.key_prefix,
+    )

@@ -1,0 +1,143 @@
+"""Wiring: storage from settings, the gRPC server with health and reflection, shutdown order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import tzinfo
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from server.admin import Admin
+from server.api import BudgetAuthorityService
+from server.authority import Authority
+from server.clock import Clock, SystemClock
+from server.config import Settings
+from server.gen.budgetd.v1 import budgetd_pb2_grpc
+from server.identity import ReservationCodec
+from server.storage.base import CounterStore, RecordStore
+from server.storage.memory_counters import MemoryCounters
+from server.storage.postgres import PostgresRecords
+from server.storage.redis_counters import RedisCounters
+from server.storage.sqlite import SqliteRecords
+
+log = logging.getLogger("budgetd")
+
+SERVICE_NAME = "budgetd.v1.BudgetAuthority"
+SQLITE_FILE = "budgetd.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    records: RecordStore
+    counters: CounterStore
+    description: str
+
+
+def make_stores(settings: Settings) -> Stores:
+    """The record and counter stores the settings ask for (embedded when none are given)."""
+    if settings.database_url:
+        records: RecordStore = PostgresRecords(settings.database_url)
+        where = "postgres"
+    else:
+        records = SqliteRecords(settings.data_dir / SQLITE_FILE)
+        where = f"sqlite at {settings.data_dir / SQLITE_FILE}"
+    if settings.redis_url:
+        counters: CounterStore = RedisCounters(settings.redis_url, cluster=settings.redis_cluster)
+        where += " + redis counters"
+    else:
+        counters = MemoryCounters()
+        where += " + in-process counters (single instance)"
+        if settings.database_url:
+            log.warning(
+                "DATABASE_URL is set but REDIS_URL is not: counters are in-process, so only "
+                "one budgetd replica may run against this database"
+            )
+    return Stores(records, counters, where)
+
+
+class BudgetdServer:
+    """One budgetd gRPC server: BudgetAuthority, grpc.health.v1 and reflection on one port."""
+
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, stores: Stores | None = None
+    ) -> None:
+        self._settings = settings
+        self._clock = clock or SystemClock()
+        self._stores = stores or make_stores(settings)
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self.port = 0
+        self.authority: Authority | None = None
+        self.admin: Admin | None = None
+
+    @property
+    def stores(self) -> Stores:
+        return self._stores
+
+    async def start(self) -> int:
+        """Open storage (migrating it), bind, serve; returns the bound port."""
+        settings = self._settings
+        await self._stores.records.start()
+        await self._stores.counters.start()
+        codec = ReservationCodec(await self._stores.records.instance_secret())
+        tz: tzinfo = settings.tzinfo
+        self.authority = Authority(
+            self._stores.records,
+            self._stores.counters,
+            self._clock,
+            codec,
+            enforcement=settings.enforcement,
+            reservation_ttl=settings.reservation_ttl,
+            tz=tz,
+            prices=settings.prices,
+        )
+        self.admin = Admin(self._stores.records, self._stores.counters, self._clock, tz=tz)
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        service = BudgetAuthorityService(self.authority, self.admin, settings.master_key)
+        budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        self.port = server.add_insecure_port(settings.grpc_addr)
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC address {settings.grpc_addr}")
+        await server.start()
+        self._server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "budgetd serving on %s (port %d), storage: %s",
+            settings.grpc_addr,
+            self.port,
+            self._stores.description,
+        )
+        return self.port
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop: health NOT_SERVING first, drain in-flight RPCs, close storage."""
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+        await self._stores.counters.close()
+        await self._stores.records.close()
+
+
+_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # Off until `--workers` shares a port on purpose: a second budgetd on the same port
+    # must fail to start, not silently split the traffic.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+)

@@ -1,0 +1,104 @@
+"""Credentials: API keys (stored only as SHA-256), the master key, reservation ids."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+KEY_PREFIX = "sk-"
+# 24 random bytes -> 32 url-safe characters after "sk-" (the design asks for >= 22).
+_KEY_BYTES = 24
+_RESERVATION_VERSION = "r1"
+_MAC_BYTES = 12
+
+
+def generate_api_key() -> str:
+    """A new plaintext API key: ``sk-`` followed by 32 url-safe random characters."""
+    return KEY_PREFIX + secrets.token_urlsafe(_KEY_BYTES)
+
+
+def hash_api_key(key: str) -> str:
+    """The SHA-256 hex digest under which a key is stored and looked up."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_display_prefix(key: str) -> str:
+    """A non-secret prefix for recognising a key in listings (``sk-abcd…``)."""
+    return key[: len(KEY_PREFIX) + 4] + "…"
+
+
+def new_id(prefix: str) -> str:
+    """A random identifier such as ``key_3f9c…`` (not secret)."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def master_key_matches(presented: str | None, master_key: str) -> bool:
+    """Constant-time comparison of a presented bearer token with the master key."""
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode(), master_key.encode())
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token in an ``authorization: Bearer <token>`` value (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRef:
+    """What a reservation id carries: whose hold it is and when its request was admitted."""
+
+    team_id: str
+    key_id: str
+    admitted_at_ms: int
+    nonce: str
+
+    @property
+    def admitted_at(self) -> float:
+        return self.admitted_at_ms / 1000.0
+
+
+class ReservationCodec:
+    """Encodes reservation ids that name their team, key and admission instant, with a MAC.
+
+    A reservation id outlives its hold: when RecordSpend arrives after the hold expired, the
+    spend is still charged to the windows of the instant the request was admitted. The MAC
+    (keyed by the instance secret shared through the database) stops a caller from
+    fabricating a reservation id to charge someone else's key.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def encode(self, team_id: str, key_id: str, admitted_at: float) -> str:
+        ref = ReservationRef(team_id, key_id, int(admitted_at * 1000), secrets.token_hex(8))
+        body = "\x1f".join((team_id, key_id, str(ref.admitted_at_ms), ref.nonce))
+        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+        return f"{_RESERVATION_VERSION}.{payload}.{self._mac(payload)}"
+
+    def decode(self, reservation_id: str) -> ReservationRef | None:
+        """The reference in a reservation id, or None when it is malformed or forged."""
+        parts = reservation_id.split(".")
+        if len(parts) != 3 or parts[0] != _RESERVATION_VERSION:
+            return None
+        payload, mac = parts[1], parts[2]
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        try:
+            body = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
+            team_id, key_id, admitted, nonce = body.split("\x1f")
+            return ReservationRef(team_id, key_id, int(admitted), nonce)
+        except ValueError:
+            return None
+
+    def _mac(self, payload: str) -> str:
+        digest = hmac.new(self._secret, payload.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:_MAC_BYTES]).decode().rstrip("=")
