@@ -17,13 +17,11 @@ import asyncio
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from importlib import resources
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeVar
 
 import asyncpg
 from asyncpg import exceptions as pg_errors
@@ -33,7 +31,8 @@ from server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from server.money import decimal_to_nanos, nanos_to_decimal
 from server.storage.base import KeyRecord, LedgerEntry, LedgerInsert, ScopeKind, TeamRecord
 
-_Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 # Failures of the connection rather than of the statement: the database is unreachable,
 # shutting down, out of connections or too slow. (In Python 3.11 asyncio.TimeoutError is
@@ -62,6 +61,7 @@ CREATE TABLE IF NOT EXISTS budgetd_schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
 _SQL_APPLIED_VERSIONS: Final = "SELECT version FROM budgetd_schema_migrations"
+_SQL_IS_APPLIED: Final = "SELECT true FROM budgetd_schema_migrations WHERE version = $1"
 _SQL_RECORD_MIGRATION: Final = (
     "INSERT INTO budgetd_schema_migrations (version, applied_at) VALUES ($1, now())"
 )
@@ -121,12 +121,10 @@ _SQL_INSERT_SPEND: Final = (
 _SQL_GET_SPEND: Final = f"SELECT {_LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = $1"
 # One query per scope kind so each is served by its (scope, admitted_at) index; a NULL end
 # means no upper bound.
-_SQL_SUM_TEAM_SPEND: Final = """
-SELECT COALESCE(SUM(cost), 0) FROM spend_ledger
-WHERE team_id = $1 AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
-_SQL_SUM_KEY_SPEND: Final = """
-SELECT COALESCE(SUM(cost), 0) FROM spend_ledger
-WHERE key_id = $1 AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
+_SUM_SPEND: Final = """SELECT COALESCE(SUM(cost), 0) FROM spend_ledger WHERE {scope} = $1
+    AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
+_SQL_SUM_TEAM_SPEND: Final = _SUM_SPEND.format(scope="team_id")
+_SQL_SUM_KEY_SPEND: Final = _SUM_SPEND.format(scope="key_id")
 
 
 @asynccontextmanager
@@ -139,16 +137,10 @@ async def _driver_errors() -> AsyncIterator[None]:
         raise Unavailable(f"postgres unavailable: {detail}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class _Migration:
-    version: int
-    sql: str
-
-
-def _load_migrations() -> list[_Migration]:
-    """The packaged migrations, ordered by version."""
+def _load_migrations() -> list[tuple[int, str]]:
+    """The packaged migrations as (version, sql), ordered by version."""
     folder = resources.files("server.storage") / "migrations" / "postgres"
-    found: dict[int, _Migration] = {}
+    found: dict[int, str] = {}
     for item in folder.iterdir():
         match = _MIGRATION_FILE.match(item.name)
         if match is None:
@@ -156,8 +148,8 @@ def _load_migrations() -> list[_Migration]:
         version = int(match[1])
         if version in found:
             raise RuntimeError(f"two postgres migrations have version {version}")
-        found[version] = _Migration(version, item.read_text(encoding="utf-8"))
-    return [found[version] for version in sorted(found)]
+        found[version] = item.read_text(encoding="utf-8")
+    return sorted(found.items())
 
 
 async def migrate(dsn: str) -> list[int]:
@@ -178,25 +170,24 @@ async def migrate(dsn: str) -> list[int]:
 
 
 async def _apply_migrations(
-    conn: asyncpg.Connection[asyncpg.Record], migrations: list[_Migration]
+    conn: asyncpg.Connection[asyncpg.Record], migrations: list[tuple[int, str]]
 ) -> list[int]:
-    async with conn.transaction():
+    async with conn.transaction():  # the lock makes CREATE TABLE IF NOT EXISTS race-free
         await conn.execute(_SQL_LOCK_MIGRATIONS, _MIGRATION_LOCK_ID)
         await conn.execute(_SQL_CREATE_MIGRATIONS_TABLE)
         done = {row["version"] for row in await conn.fetch(_SQL_APPLIED_VERSIONS)}
     applied: list[int] = []
-    for migration in migrations:
-        if migration.version in done:
+    for version, sql in migrations:
+        if version in done:
             continue
         async with conn.transaction():
             await conn.execute(_SQL_LOCK_MIGRATIONS, _MIGRATION_LOCK_ID)
             # Another replica may have applied it while we waited for the lock.
-            now_done = {row["version"] for row in await conn.fetch(_SQL_APPLIED_VERSIONS)}
-            if migration.version in now_done:
+            if await conn.fetchval(_SQL_IS_APPLIED, version):
                 continue
-            await conn.execute(migration.sql)  # no arguments: may hold several statements
-            await conn.execute(_SQL_RECORD_MIGRATION, migration.version)
-        applied.append(migration.version)
+            await conn.execute(sql)  # no arguments: simple protocol, several statements
+            await conn.execute(_SQL_RECORD_MIGRATION, version)
+        applied.append(version)
     return applied
 
 
@@ -247,11 +238,11 @@ class PostgresRecords:
             pool.terminate()
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Connection]:
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
         """A pooled connection, with driver failures reported as Unavailable."""
         async with _driver_errors():
             if self._pool is None:
-                raise Unavailable("postgres unavailable: the record store is not started")
+                raise Unavailable("postgres unavailable: the record store is not started or closed")
             # A bounded wait: a saturated pool is reported as unavailable, not queued forever.
             async with self._pool.acquire(timeout=self._command_timeout) as conn:
                 yield conn
@@ -336,7 +327,7 @@ class PostgresRecords:
             try:
                 row = await conn.fetchrow(_SQL_INSERT_SPEND, *_ledger_args(entry))
             except pg_errors.CheckViolationError as exc:
-                raise InvalidArgument(f"cost must not be negative: {entry.cost_nanos}") from exc
+                raise InvalidArgument(f"cost must not be negative, got {entry.cost_nanos}") from exc
             if row is not None:
                 return LedgerInsert(inserted=True, entry=_ledger_from_row(row))
             # The ledger is append-only, so the conflicting row is still there.
@@ -348,14 +339,14 @@ class PostgresRecords:
     ) -> int:
         """Exact sum, in nano-USD, of a scope's ledger costs admitted in ``[start, end)``."""
         query = _SQL_SUM_TEAM_SPEND if kind is ScopeKind.TEAM else _SQL_SUM_KEY_SPEND
-        upper = None if end is None else _to_timestamp(end)
+        bounds = (_to_timestamp(start), _or_none(_to_timestamp, end))
         async with self._connection() as conn:
-            total = await conn.fetchval(query, scope_id, _to_timestamp(start), upper)
+            total = await conn.fetchval(query, scope_id, *bounds)
         return decimal_to_nanos(total)
 
 
 def _returned(row: asyncpg.Record | None) -> asyncpg.Record:
-    if row is None:  # pragma: no cover - RETURNING after a successful INSERT yields a row
+    if row is None:  # cannot happen: the row was just inserted, or conflicted with it
         raise RuntimeError("postgres returned no row where one was expected")
     return row
 
@@ -370,27 +361,16 @@ def _to_timestamp(seconds: float) -> datetime:
     return _EPOCH + timedelta(microseconds=numerator * 1_000_000 // denominator)
 
 
-def _optional_timestamp(seconds: float | None) -> datetime | None:
-    return None if seconds is None else _to_timestamp(seconds)
-
-
-def _optional_seconds(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
-def _optional_numeric(nanos: int | None) -> Decimal | None:
-    return None if nanos is None else nanos_to_decimal(nanos)
-
-
-def _optional_nanos(value: Decimal | None) -> int | None:
-    return None if value is None else decimal_to_nanos(value)
+def _or_none(convert: Callable[[_In], _Out], value: _In | None) -> _Out | None:
+    """``convert(value)``, with NULL (None) passed through."""
+    return None if value is None else convert(value)
 
 
 def _team_args(team: TeamRecord) -> tuple[Any, ...]:
     return (
         team.team_id,
         team.team_alias,
-        _optional_numeric(team.max_budget_nanos),
+        _or_none(nanos_to_decimal, team.max_budget_nanos),
         team.budget_duration,
         team.tpm_limit,
         team.rpm_limit,
@@ -405,7 +385,7 @@ def _team_from_row(row: asyncpg.Record) -> TeamRecord:
     return TeamRecord(
         team_id=row["team_id"],
         team_alias=row["team_alias"],
-        max_budget_nanos=_optional_nanos(row["max_budget"]),
+        max_budget_nanos=_or_none(decimal_to_nanos, row["max_budget"]),
         budget_duration=row["budget_duration"],
         tpm_limit=row["tpm_limit"],
         rpm_limit=row["rpm_limit"],
@@ -424,12 +404,12 @@ def _key_args(key: KeyRecord) -> tuple[Any, ...]:
         key.key_prefix or None,
         key.team_id,
         key.key_alias or None,
-        _optional_numeric(key.max_budget_nanos),
+        _or_none(nanos_to_decimal, key.max_budget_nanos),
         key.budget_duration,
-        _optional_timestamp(key.expires_at),
+        _or_none(_to_timestamp, key.expires_at),
         list(key.models),
         key.user_id or None,
-        _optional_timestamp(key.revoked_at),
+        _or_none(_to_timestamp, key.revoked_at),
         _to_timestamp(key.created_at),
     )
 
@@ -440,13 +420,13 @@ def _key_from_row(row: asyncpg.Record) -> KeyRecord:
         key_hash=row["key_hash"],
         team_id=row["team_id"],
         key_alias=row["key_alias"] or "",
-        max_budget_nanos=_optional_nanos(row["max_budget"]),
+        max_budget_nanos=_or_none(decimal_to_nanos, row["max_budget"]),
         budget_duration=row["budget_duration"],
         key_prefix=row["key_prefix"] or "",
-        expires_at=_optional_seconds(row["expires_at"]),
+        expires_at=_or_none(datetime.timestamp, row["expires_at"]),
         models=tuple(row["models"] or ()),
         user_id=row["user_id"] or "",
-        revoked_at=_optional_seconds(row["revoked_at"]),
+        revoked_at=_or_none(datetime.timestamp, row["revoked_at"]),
         created_at=row["created_at"].timestamp(),
     )
 
