@@ -19,6 +19,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+
 from services import PostgresServer, RedisServer, flush_redis, random_database_name
 
 DATABASE_URL_ENV = "BUDGETD_TEST_DATABASE_URL"

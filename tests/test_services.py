@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+
 from services import PostgresServer, RedisServer, random_database_name
 
 

@@ -13,7 +13,7 @@ from server.windows import ALL_TIME, DurationError, parse_duration, window_at
 
 
 def at(*parts: int) -> float:
-    return datetime(*parts, tzinfo=UTC).timestamp()  # type: ignore[misc]
+    return datetime(*parts, tzinfo=UTC).timestamp()  # type: ignore[misc, arg-type]
 
 
 def iso(t: int | None) -> str:

@@ -1,0 +1,710 @@
+"""budgetd's configuration: one YAML file in LiteLLM's shape, environment variables, overrides.
+
+Precedence, highest first: command-line overrides, environment variables, the config file,
+defaults. Everything is checked at start; whatever is wrong (unknown key, wrong type,
+impossible value, unset ``os.environ/NAME``) stops the start with one :class:`ConfigError`
+that lists every problem, one per line, as ``WHERE: KEY: what is wrong``, where WHERE is the
+file, ``environment`` or ``command line`` and KEY is a dotted path such as
+``budgetd.enforcement`` or ``litellm_settings.default_team_settings[0].budget_duration``.
+
+Environment variables (``load_settings`` reads only the mapping it is given):
+
+* ``BUDGETD_CONFIG`` (the file, when no path is passed), ``DATABASE_URL``, ``REDIS_URL``,
+  ``BUDGETD_DATA_DIR``, ``BUDGETD_MASTER_KEY``, ``LITELLM_MASTER_KEY``,
+  ``EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING``, ``JWT_PUBLIC_KEY_URL``, ``JWT_AUDIENCE``,
+  ``JWT_ISSUER``;
+* ``BUDGETD_<NAME>`` for the other ``budgetd:`` keys: ``BUDGETD_GRPC_ADDR``,
+  ``BUDGETD_METRICS_ADDR``, ``BUDGETD_BRIDGE_LISTEN``, ``BUDGETD_BRIDGE_TARGET``,
+  ``BUDGETD_REDIS_CLUSTER``, ``BUDGETD_ENFORCEMENT``, ``BUDGETD_FAILURE_POLICY``,
+  ``BUDGETD_RESERVATION_TTL``, ``BUDGETD_TIMEZONE``, ``BUDGETD_LOG_LEVEL``,
+  ``BUDGETD_METRICS``.
+
+An empty variable counts as unset. As in LiteLLM, the file's ``environment_variables:``
+section provides variables too, below the real environment; they are what ``os.environ/NAME``
+and the variables above see. ``os.environ/NAME`` is replaced wherever it appears in a string
+value; an unset NAME is an error in every key budgetd reads, and is left as is in the LiteLLM
+keys budgetd ignores (a provider's ``api_key``, for instance).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Generic, TypeVar, cast
+from zoneinfo import ZoneInfo
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from server.config_model import (
+    FailurePolicy,
+    FileConfig,
+    JwtAuthSection,
+    ModelEntry,
+    describe,
+    parse_address,
+    parse_bool,
+    parse_enforcement,
+    parse_failure_policy,
+    parse_http_urls,
+    parse_log_level,
+    parse_path,
+    parse_postgres_url,
+    parse_redis_url,
+    parse_seconds,
+    parse_secret,
+    parse_text,
+    parse_timezone,
+    section_at,
+    type_at,
+)
+from server.errors import ConfigError
+from server.rules import Enforcement
+from server.windows import Duration, parse_duration
+
+__all__ = [
+    "ConfigError",
+    "DefaultTeamSettings",
+    "FailurePolicy",
+    "JwtSettings",
+    "ModelPrice",
+    "Settings",
+    "load_settings",
+]
+
+ENV_CONFIG: Final = "BUDGETD_CONFIG"
+ENVIRONMENT: Final = "environment"
+COMMAND_LINE: Final = "command line"
+# Above this many values the file is rejected (YAML aliases can expand exponentially).
+_MAX_VALUES = 200_000
+_ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_TYPE_MESSAGES: Final[Mapping[str, str]] = {
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "int_type": "must be a whole number",
+    "float_type": "must be a number",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A model's price in USD per token, exact."""
+
+    input_cost_per_token: Decimal
+    output_cost_per_token: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultTeamSettings:
+    """An entry of ``litellm_settings.default_team_settings`` (budgets in USD)."""
+
+    team_id: str
+    team_alias: str | None = None
+    max_budget: float | None = None
+    budget_duration: str | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    models: tuple[str, ...] = ()
+    team_member_budget: float | None = None
+    team_member_budget_duration: str | None = None
+    team_member_rpm_limit: int | None = None
+    team_member_tpm_limit: int | None = None
+
+    @property
+    def duration(self) -> Duration | None:
+        """``budget_duration`` parsed (None: the budget never resets)."""
+        return parse_duration(self.budget_duration)
+
+    @property
+    def team_member_duration(self) -> Duration | None:
+        """``team_member_budget_duration`` parsed."""
+        return parse_duration(self.team_member_budget_duration)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    """JWT authentication: ``general_settings.enable_jwt_auth``, ``litellm_jwtauth``, env."""
+
+    enabled: bool = False
+    team_id_upsert: bool = False
+    team_id_jwt_field: str | None = None
+    team_ids_jwt_field: str | None = None
+    team_id_default: str | None = None
+    org_id_jwt_field: str | None = None
+    user_id_jwt_field: str | None = None
+    user_id_upsert: bool = False
+    user_email_jwt_field: str | None = None
+    user_allowed_email_domain: str | None = None
+    end_user_id_jwt_field: str | None = None
+    admin_jwt_scope: str = "litellm_proxy_admin"
+    public_key_ttl: float = 600.0
+    public_key_url: str | None = None  # JWT_PUBLIC_KEY_URL (comma-separated JWKS URLs)
+    audience: str | None = None  # JWT_AUDIENCE
+    issuer: str | None = None  # JWT_ISSUER
+
+
+def _no_prices() -> Mapping[str, ModelPrice]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """budgetd's resolved configuration. ``Settings()`` is the all-defaults configuration."""
+
+    grpc_addr: str = "127.0.0.1:50051"
+    metrics_addr: str = "127.0.0.1:9464"
+    bridge_listen: str = "127.0.0.1:4000"
+    bridge_target: str = "127.0.0.1:50051"
+    database_url: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
+    data_dir: Path = Path(".budgetd")
+    master_key: str | None = field(default=None, repr=False)
+    enforcement: Enforcement = Enforcement.CROSS_ONCE
+    failure_policy: FailurePolicy = FailurePolicy.FALLBACK
+    reservation_ttl: float = 600.0
+    timezone: str = "UTC"
+    log_level: str = "info"
+    prices: Mapping[str, ModelPrice] = field(default_factory=_no_prices)
+    default_team_settings: tuple[DefaultTeamSettings, ...] = ()
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    success_callback: tuple[str, ...] = ()
+    failure_callback: tuple[str, ...] = ()
+    metrics_enabled: bool = True
+    multi_instance_rate_limiting: bool = False
+    config_path: Path | None = None
+
+    @property
+    def tzinfo(self) -> dt.tzinfo:
+        """The time zone budget windows are aligned in."""
+        return dt.UTC if self.timezone == "UTC" else ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scalar(Generic[T]):
+    """A setting taken from an override, else environment variables, else file keys."""
+
+    parse: Callable[[object], T]
+    default: T
+    env: tuple[str, ...] = ()
+    file: tuple[tuple[str, ...], ...] = ()
+
+
+_DEFAULT: Final = Settings()
+
+
+def _budgetd(key: str, parse: Callable[[object], T], default: T) -> _Scalar[T]:
+    return _Scalar(parse, default, (f"BUDGETD_{key.upper()}",), (("budgetd", key),))
+
+
+# The settings a command-line override may set, by Settings field name.
+_SCALARS: Final[Mapping[str, _Scalar[Any]]] = {
+    "grpc_addr": _budgetd("grpc_addr", parse_address, _DEFAULT.grpc_addr),
+    "metrics_addr": _budgetd("metrics_addr", parse_address, _DEFAULT.metrics_addr),
+    "bridge_listen": _budgetd("bridge_listen", parse_address, _DEFAULT.bridge_listen),
+    "bridge_target": _budgetd("bridge_target", parse_address, _DEFAULT.bridge_target),
+    "database_url": _Scalar(
+        parse_postgres_url,
+        None,
+        ("DATABASE_URL",),
+        (("budgetd", "database_url"), ("general_settings", "database_url")),
+    ),
+    "redis_url": _Scalar(parse_redis_url, None, ("REDIS_URL",), (("budgetd", "redis_url"),)),
+    "redis_cluster": _budgetd("redis_cluster", parse_bool, False),
+    "data_dir": _budgetd("data_dir", parse_path, _DEFAULT.data_dir),
+    "master_key": _Scalar(
+        parse_secret,
+        None,
+        ("BUDGETD_MASTER_KEY", "LITELLM_MASTER_KEY"),
+        (("general_settings", "master_key"),),
+    ),
+    "enforcement": _budgetd("enforcement", parse_enforcement, _DEFAULT.enforcement),
+    "failure_policy": _budgetd("failure_policy", parse_failure_policy, _DEFAULT.failure_policy),
+    "reservation_ttl": _budgetd("reservation_ttl", parse_seconds, _DEFAULT.reservation_ttl),
+    "timezone": _budgetd("timezone", parse_timezone, _DEFAULT.timezone),
+    "log_level": _budgetd("log_level", parse_log_level, _DEFAULT.log_level),
+    "metrics_enabled": _Scalar(parse_bool, True, ("BUDGETD_METRICS",), (("budgetd", "metrics"),)),
+    "multi_instance_rate_limiting": _Scalar(
+        parse_bool, False, ("EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING",)
+    ),
+}
+
+
+def load_settings(
+    config_path: str | Path | None,
+    env: Mapping[str, str],
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Load, check and resolve budgetd's configuration.
+
+    ``config_path`` None means ``env["BUDGETD_CONFIG"]`` if set, else no file (defaults).
+    ``env`` is the only environment read. ``overrides`` maps Settings field names to values
+    (from command-line flags); None values are ignored. Raises :class:`ConfigError` naming
+    the file (or environment variable, or override) and the key of every problem found.
+    """
+    if config_path is None and env.get(ENV_CONFIG):
+        config_path = env[ENV_CONFIG]
+    path = None if config_path is None else Path(config_path)
+    resolver = _Resolver(path, env, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return resolver.settings()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the file
+# --------------------------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _YamlLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict[Any, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections such as budgetd: and "
+            f"general_settings: (got {describe(data)})"
+        )
+    return data
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    text = f"{where}invalid YAML: {exc.problem or exc}"
+    if exc.context and exc.context_mark and exc.context_mark is not mark:
+        text += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    return text
+
+
+def dotted(loc: tuple[object, ...]) -> str:
+    """``("model_list", 0, "model_name")`` -> ``model_list[0].model_name``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            text += f"[{part}]"
+        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{part!r}]"
+    return text or "(top level)"
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    where: str
+    key: str
+
+
+class _Resolver:
+    """One load: collects every problem, then builds Settings or raises one ConfigError."""
+
+    def __init__(self, path: Path | None, env: Mapping[str, str], overrides: Mapping[str, object]):
+        self.path = path
+        self.env = env
+        self.overrides = overrides
+        self.problems: list[str] = []
+        self.reported: set[tuple[str, str]] = set()
+        self.file_env: dict[str, str] = {}
+        self.file = FileConfig()
+        self.origins: dict[str, _Origin] = {}
+
+    # -- problems ----------------------------------------------------------------------------
+
+    def problem(self, origin: _Origin, message: str) -> None:
+        if (origin.where, origin.key) not in self.reported:
+            self.reported.add((origin.where, origin.key))
+            self.problems.append(f"{origin.where}: {origin.key}: {message}")
+
+    def in_file(self, loc: tuple[object, ...]) -> _Origin:
+        return _Origin(str(self.path), dotted(loc))
+
+    # -- the whole load ----------------------------------------------------------------------
+
+    def settings(self) -> Settings:
+        if self.path is not None:
+            self.load_file(self.path)
+        for name in self.overrides:
+            if name not in _SCALARS:
+                self.problem(_Origin(COMMAND_LINE, name), _unknown_override(name))
+        scalars = {name: self.scalar(name, spec) for name, spec in _SCALARS.items()}
+        built = Settings(
+            grpc_addr=scalars["grpc_addr"],
+            metrics_addr=scalars["metrics_addr"],
+            bridge_listen=scalars["bridge_listen"],
+            bridge_target=scalars["bridge_target"],
+            database_url=scalars["database_url"],
+            redis_url=scalars["redis_url"],
+            redis_cluster=scalars["redis_cluster"],
+            data_dir=scalars["data_dir"],
+            master_key=scalars["master_key"],
+            enforcement=scalars["enforcement"],
+            failure_policy=scalars["failure_policy"],
+            reservation_ttl=scalars["reservation_ttl"],
+            timezone=scalars["timezone"],
+            log_level=scalars["log_level"],
+            prices=self.prices(),
+            default_team_settings=self.default_teams(),
+            jwt=self.jwt(),
+            success_callback=self.callbacks("success_callback"),
+            failure_callback=self.callbacks("failure_callback"),
+            metrics_enabled=scalars["metrics_enabled"],
+            multi_instance_rate_limiting=scalars["multi_instance_rate_limiting"],
+            config_path=self.path,
+        )
+        built = self.check_redis(built)
+        if self.problems:
+            raise ConfigError("\n".join(self.problems))
+        return built
+
+    def load_file(self, path: Path) -> None:
+        raw = _read_yaml(path)
+        if "include" in raw:
+            self.problem(
+                self.in_file(("include",)),
+                "is not supported by budgetd: merge the included files into this one",
+            )
+            raw = {key: value for key, value in raw.items() if key != "include"}
+        self.file_env = self.file_environment(raw.get("environment_variables"))
+        visible = {**self.file_env, **self.env}
+        counter = iter(range(_MAX_VALUES))
+        data = {
+            key: value
+            if key == "environment_variables"
+            else self.substitute(value, (key,), visible, counter)
+            for key, value in raw.items()
+        }
+        try:
+            self.file = FileConfig.model_validate(data)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                loc, message = _explain(error)
+                self.problem(self.in_file(loc), message)
+
+    def file_environment(self, section: object) -> dict[str, str]:
+        """The file's environment_variables (os.environ/NAME in them read the real env)."""
+        found: dict[str, str] = {}
+        if not isinstance(section, Mapping):
+            return found  # a wrong type is reported by the model
+        counter = iter(range(_MAX_VALUES))
+        for name, value in section.items():
+            loc = ("environment_variables", name)
+            if not isinstance(name, str):
+                continue
+            if isinstance(value, bool):
+                found[name] = "true" if value else "false"
+            elif isinstance(value, int | float | str):
+                found[name] = str(self.substitute(str(value), loc, self.env, counter))
+            else:
+                self.problem(
+                    self.in_file(loc),
+                    f"must be a string, number or boolean (got {describe(value)})",
+                )
+        return found
+
+    def substitute(
+        self, node: object, loc: tuple[object, ...], env: Mapping[str, str], counter: Iterator[int]
+    ) -> object:
+        """Replace os.environ/NAME in every string value under ``node``."""
+        if next(counter, None) is None:
+            raise ConfigError(f"{self.path}: has more than {_MAX_VALUES} values")
+        if isinstance(node, dict):
+            return {k: self.substitute(v, (*loc, k), env, counter) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.substitute(v, (*loc, i), env, counter) for i, v in enumerate(node)]
+        if not isinstance(node, str) or "os.environ/" not in node:
+            return node
+        names = _ENV_REF.findall(node)
+        missing = [name for name in names if name not in env]
+        used = loc[0] == "environment_variables" or type_at(loc) is not None
+        if used and len(names) != node.count("os.environ/"):
+            self.problem(
+                self.in_file(loc), "os.environ/ must be followed by an environment variable name"
+            )
+        elif used and missing:
+            self.problem(
+                self.in_file(loc),
+                f"os.environ/{missing[0]}: the environment variable {missing[0]} is not set",
+            )
+        if missing:
+            return node
+        return _ENV_REF.sub(lambda match: env[match.group(1)], node)
+
+    # -- scalar settings: override > environment > file > default ----------------------------
+
+    def env_value(self, name: str) -> tuple[str, _Origin] | None:
+        if self.env.get(name):
+            return self.env[name], _Origin(ENVIRONMENT, name)
+        if self.file_env.get(name):
+            return self.file_env[name], self.in_file(("environment_variables", name))
+        return None
+
+    def scalar(self, name: str, spec: _Scalar[T]) -> T:
+        candidates: list[tuple[object, _Origin]] = []
+        if name in self.overrides:
+            candidates.append((self.overrides[name], _Origin(COMMAND_LINE, name)))
+        for var in spec.env:
+            found = self.env_value(var)
+            if found is not None:
+                candidates.append(found)
+        if candidates:
+            raw, origin = candidates[0]
+            self.origins[name] = origin
+            try:
+                return spec.parse(raw)
+            except ValueError as exc:
+                self.problem(origin, str(exc))
+                return spec.default
+        for loc in spec.file:
+            value = _attribute(self.file, loc)
+            if value is not None:
+                self.origins[name] = self.in_file(loc)
+                return cast(T, value)  # checked by the model
+        return spec.default
+
+    def env_setting(self, name: str, parse: Callable[[object], str]) -> str | None:
+        found = self.env_value(name)
+        if found is None:
+            return None
+        try:
+            return parse(found[0])
+        except ValueError as exc:
+            self.problem(found[1], str(exc))
+            return None
+
+    # -- structured settings -----------------------------------------------------------------
+
+    def prices(self) -> Mapping[str, ModelPrice]:
+        explicit = (self.file.budgetd.prices if self.file.budgetd else None) or {}
+        prices: dict[str, ModelPrice] = {}
+        first: dict[str, int] = {}
+        for index, entry in enumerate(self.file.model_list or ()):
+            price = _entry_price(entry)
+            name = entry.model_name
+            if price is None or name in explicit:
+                continue
+            if name in prices and prices[name] != price:
+                self.problem(
+                    self.in_file(("model_list", index)),
+                    f"model {name!r} is priced differently in model_list[{first[name]}]; "
+                    f"set budgetd.prices.{name} to choose one price",
+                )
+            elif name not in prices:
+                prices[name], first[name] = price, index
+        for name, given in explicit.items():
+            prices[name] = ModelPrice(given.input_cost_per_token, given.output_cost_per_token)
+        return MappingProxyType(prices)
+
+    def default_teams(self) -> tuple[DefaultTeamSettings, ...]:
+        section = self.file.litellm_settings
+        entries = (section.default_team_settings if section else None) or ()
+        teams: list[DefaultTeamSettings] = []
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            if entry.team_id in seen:
+                self.problem(
+                    self.in_file(("litellm_settings", "default_team_settings", index, "team_id")),
+                    f"{entry.team_id!r} is already in default_team_settings[{seen[entry.team_id]}]",
+                )
+                continue
+            seen[entry.team_id] = index
+            teams.append(
+                DefaultTeamSettings(
+                    team_id=entry.team_id,
+                    team_alias=entry.team_alias,
+                    max_budget=entry.max_budget,
+                    budget_duration=entry.budget_duration,
+                    tpm_limit=entry.tpm_limit,
+                    rpm_limit=entry.rpm_limit,
+                    models=entry.models or (),
+                    team_member_budget=entry.team_member_budget,
+                    team_member_budget_duration=entry.team_member_budget_duration,
+                    team_member_rpm_limit=entry.team_member_rpm_limit,
+                    team_member_tpm_limit=entry.team_member_tpm_limit,
+                )
+            )
+        return tuple(teams)
+
+    def callbacks(self, name: str) -> tuple[str, ...]:
+        section = self.file.litellm_settings
+        value = getattr(section, name) if section else None
+        return tuple(value or ())
+
+    def jwt(self) -> JwtSettings:
+        general = self.file.general_settings
+        top, nested = self.file.litellm_jwtauth, general.litellm_jwtauth if general else None
+        if top is not None and nested is not None:
+            self.problem(
+                self.in_file(("litellm_jwtauth",)),
+                "is also set in general_settings.litellm_jwtauth; keep one of them",
+            )
+        section = top or nested or JwtAuthSection()
+        where = ("litellm_jwtauth",) if top else ("general_settings", "litellm_jwtauth")
+        if section.team_id_upsert and not section.team_id_jwt_field:
+            self.problem(
+                self.in_file((*where, "team_id_upsert")),
+                "needs team_id_jwt_field, the JWT claim that names the team",
+            )
+        defaults = JwtSettings()
+        return JwtSettings(
+            enabled=bool(general and general.enable_jwt_auth),
+            team_id_upsert=bool(section.team_id_upsert),
+            team_id_jwt_field=section.team_id_jwt_field,
+            team_ids_jwt_field=section.team_ids_jwt_field,
+            team_id_default=section.team_id_default,
+            org_id_jwt_field=section.org_id_jwt_field,
+            user_id_jwt_field=section.user_id_jwt_field,
+            user_id_upsert=bool(section.user_id_upsert),
+            user_email_jwt_field=section.user_email_jwt_field,
+            user_allowed_email_domain=section.user_allowed_email_domain,
+            end_user_id_jwt_field=section.end_user_id_jwt_field,
+            admin_jwt_scope=section.admin_jwt_scope or defaults.admin_jwt_scope,
+            public_key_ttl=section.public_key_ttl or defaults.public_key_ttl,
+            public_key_url=self.env_setting("JWT_PUBLIC_KEY_URL", parse_http_urls),
+            audience=self.env_setting("JWT_AUDIENCE", parse_text),
+            issuer=self.env_setting("JWT_ISSUER", parse_text),
+        )
+
+    def check_redis(self, settings: Settings) -> Settings:
+        """Cross-checks of the Redis settings; a cluster URL implies redis_cluster."""
+        url = settings.redis_url
+        scheme = url.split("://", 1)[0].lower() if url else ""
+        cluster_origin = self.origins.get("redis_cluster")
+        if scheme.endswith("+cluster"):
+            if cluster_origin is not None and not settings.redis_cluster:
+                self.problem(cluster_origin, "is false, but redis_url is a cluster URL")
+            return replace(settings, redis_cluster=True)
+        if settings.redis_cluster and cluster_origin is not None:
+            if url is None:
+                self.problem(
+                    cluster_origin, "needs a Redis URL: set REDIS_URL or budgetd.redis_url"
+                )
+            elif scheme == "unix":
+                self.problem(cluster_origin, "cannot be used with a unix:// Redis URL")
+        limits_origin = self.origins.get("multi_instance_rate_limiting")
+        if settings.multi_instance_rate_limiting and url is None and limits_origin is not None:
+            self.problem(
+                limits_origin,
+                "needs Redis to share team-member limits between instances: "
+                "set REDIS_URL or budgetd.redis_url",
+            )
+        return settings
+
+
+def _attribute(model: BaseModel, loc: tuple[str, ...]) -> object:
+    value: object = model
+    for name in loc:
+        value = getattr(value, name, None)
+        if value is None:
+            return None
+    return value
+
+
+def _entry_price(entry: ModelEntry) -> ModelPrice | None:
+    sources = [part for part in (entry.litellm_params, entry.model_info) if part is not None]
+    given_in = next(
+        (p.input_cost_per_token for p in sources if p.input_cost_per_token is not None), None
+    )
+    given_out = next(
+        (p.output_cost_per_token for p in sources if p.output_cost_per_token is not None), None
+    )
+    if given_in is None and given_out is None:
+        return None
+    zero = Decimal(0)
+    return ModelPrice(
+        zero if given_in is None else given_in, zero if given_out is None else given_out
+    )
+
+
+def _explain(error: ErrorDetails) -> tuple[tuple[object, ...], str]:
+    """A pydantic error as (location, message in budgetd's words)."""
+    loc: tuple[object, ...] = tuple(error["loc"])
+    kind = error["type"]
+    if "[key]" in loc:
+        loc = loc[: loc.index("[key]")]
+        prefix = "the key "
+    else:
+        prefix = ""
+    if kind == "value_error":
+        cause = (error.get("ctx") or {}).get("error")
+        return loc, prefix + str(cause if cause is not None else error["msg"])
+    if kind == "extra_forbidden":
+        return loc, _unknown_key(loc)
+    if kind == "missing":
+        return loc, "is required"
+    message = _TYPE_MESSAGES.get(kind, error["msg"])
+    return loc, f"{prefix}{message} (got {describe(error.get('input'))})"
+
+
+def _unknown_key(loc: tuple[object, ...]) -> str:
+    section = section_at(loc[:-1])
+    key = loc[-1] if loc else ""
+    if not isinstance(key, str):
+        return f"keys must be strings (got {describe(key)})"
+    known = sorted(section.known_keys()) if section else []
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+
+
+def _unknown_override(name: str) -> str:
+    if name in Settings.__dataclass_fields__:
+        return "cannot be set from the command line; set it in the config file"
+    hint = difflib.get_close_matches(name, sorted(_SCALARS), n=1, cutoff=0.75)
+    return "unknown setting" + (f" (did you mean {hint[0]!r}?)" if hint else "")
