@@ -15,6 +15,7 @@ from server.errors import BudgetdError, Unauthenticated, grpc_code
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
 from server.identity import bearer_token, master_key_matches
+from server.metrics import Metrics
 from server.money import nanos_to_usd
 from server.storage.base import ScopeKind
 
@@ -38,10 +39,13 @@ _SCOPES = {
 class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
     """Servicer: converts messages and maps domain errors through the one error table."""
 
-    def __init__(self, authority: Authority, admin: Admin, master_key: str | None) -> None:
+    def __init__(
+        self, authority: Authority, admin: Admin, master_key: str | None, metrics: Metrics
+    ) -> None:
         self._authority = authority
         self._admin = admin
         self._master_key = master_key
+        self._metrics = metrics
 
     async def CheckBudget(
         self, request: pb.CheckBudgetRequest, context: Context
@@ -55,7 +59,9 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             max_tokens=_opt(request, "max_tokens"),
             prompt_tokens=_opt(request, "prompt_tokens"),
         )
-        decision = await _guard(context, self._authority.check(req))
+        with self._metrics.latency.labels("CheckBudget").time():
+            decision = await _guard(context, self._authority.check(req))
+        self._metrics.decision(decision)
         return decision_to_pb(decision)
 
     async def RecordSpend(
@@ -71,7 +77,9 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             completion_tokens=request.completion_tokens,
             metadata=json_format.MessageToDict(request.metadata),
         )
-        result = await _guard(context, self._authority.record(req))
+        with self._metrics.latency.labels("RecordSpend").time():
+            result = await _guard(context, self._authority.record(req))
+        self._metrics.spends.labels("duplicate" if result.duplicate else "recorded").inc()
         return pb.RecordSpendResponse(
             team_spend=nanos_to_usd(result.team_spend_nanos),
             key_spend=nanos_to_usd(result.key_spend_nanos),
@@ -206,7 +214,9 @@ def _ts_or_none(ts: timestamp_pb2.Timestamp) -> float:
     return ts.ToNanoseconds() / 1e9
 
 
-def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct | None:
+    if not data:
+        return None
     out = struct_pb2.Struct()
     out.update(data)
     return out

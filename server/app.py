@@ -19,6 +19,7 @@ from server.clock import Clock, SystemClock
 from server.config import Settings
 from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
+from server.metrics import Metrics, MetricsServer
 from server.storage.base import CounterStore, RecordStore
 from server.storage.memory_counters import MemoryCounters
 from server.storage.postgres import PostgresRecords
@@ -72,12 +73,19 @@ class BudgetdServer:
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.port = 0
+        self.metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
         self.authority: Authority | None = None
         self.admin: Admin | None = None
 
     @property
     def stores(self) -> Stores:
         return self._stores
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound metrics port (0 when metrics are off)."""
+        return self._metrics_server.port if self._metrics_server else 0
 
     async def start(self) -> int:
         """Open storage (migrating it), bind, serve; returns the bound port."""
@@ -98,7 +106,9 @@ class BudgetdServer:
         )
         self.admin = Admin(self._stores.records, self._stores.counters, self._clock, tz=tz)
         server = grpc.aio.server(options=_SERVER_OPTIONS)
-        service = BudgetAuthorityService(self.authority, self.admin, settings.master_key)
+        service = BudgetAuthorityService(
+            self.authority, self.admin, settings.master_key, self.metrics
+        )
         budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -111,6 +121,10 @@ class BudgetdServer:
             raise OSError(f"cannot bind the gRPC address {settings.grpc_addr}")
         await server.start()
         self._server = server
+        if settings.metrics_enabled:
+            host, port = split_address(settings.metrics_addr)
+            self._metrics_server = MetricsServer(self.metrics, host, port)
+            await self._metrics_server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -127,12 +141,21 @@ class BudgetdServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful stop: health NOT_SERVING first, drain in-flight RPCs, close storage."""
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)
             self._server = None
         await self._stores.counters.close()
         await self._stores.records.close()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) from "host:port" or "[v6]:port" (already validated by the config)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 _SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (

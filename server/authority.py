@@ -411,7 +411,7 @@ def _decision(
     reset_at = float(scope.window.end) if scope.window.end is not None else None
     retry_after = None
     if not allowed and reset_at is not None:
-        retry_after = max(0.0, reset_at - now)
+        retry_after = round(max(0.0, reset_at - now), 3)
     return Decision(
         allowed=allowed,
         reason=reason,

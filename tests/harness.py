@@ -49,7 +49,7 @@ def make_settings(
         env["REDIS_URL"] = redis_url
     if master_key:
         env["BUDGETD_MASTER_KEY"] = master_key
-    settings = load_settings(None, env, {"grpc_addr": "127.0.0.1:0"})
+    settings = load_settings(None, env, {"grpc_addr": "127.0.0.1:0", "metrics_addr": "127.0.0.1:0"})
     return dataclasses.replace(settings, **changes) if changes else settings
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -57,6 +57,9 @@ from server.storage.memory_counters import (
 
 # A decision must not hang on a dead Redis: fail fast into Unavailable.
 _SOCKET_TIMEOUT = 2.0
+# Connections per Redis node; pipelining-free Lua calls take ~0.1 ms, so 64 in flight keep a
+# 2-core budgetd saturated.
+_MAX_CONNECTIONS = 64
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # Scripts that release holds get the shared helpers prepended; init needs none of them.
 _SCRIPTS = {"reserve": True, "settle": True, "release": True, "init": False}
@@ -183,9 +186,15 @@ class RedisCounters:
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         }
         if self._cluster:
-            client = RedisCluster.from_url(self._url, **options)
+            client = RedisCluster.from_url(self._url, max_connections=_MAX_CONNECTIONS, **options)
         else:
-            client = Redis.from_url(self._url, **options)
+            # A bounded pool that waits for a free connection: a burst of decisions queues
+            # briefly instead of opening thousands of connections (Redis refuses past
+            # maxclients, and each connection costs both sides).
+            pool = BlockingConnectionPool.from_url(
+                self._url, max_connections=_MAX_CONNECTIONS, timeout=_SOCKET_TIMEOUT, **options
+            )
+            client = Redis.from_pool(pool)
         self._client = client
         # register_script only computes the SHA: the first EVALSHA that meets NOSCRIPT (a new
         # server, SCRIPT FLUSH, a restart) loads the script and retries.
