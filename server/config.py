@@ -44,7 +44,6 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from server.config_model import (
-    FailurePolicy,
     FileConfig,
     JwtAuthSection,
     ModelEntry,
@@ -52,7 +51,6 @@ from server.config_model import (
     parse_address,
     parse_bool,
     parse_enforcement,
-    parse_failure_policy,
     parse_http_urls,
     parse_log_level,
     parse_path,
@@ -72,7 +70,6 @@ from server.windows import Duration, parse_duration
 __all__ = [
     "ConfigError",
     "DefaultTeamSettings",
-    "FailurePolicy",
     "JwtSettings",
     "ModelPrice",
     "Settings",
@@ -176,7 +173,6 @@ class Settings:
     data_dir: Path = Path(".budgetd")
     master_key: str | None = field(default=None, repr=False)
     enforcement: Enforcement = Enforcement.CROSS_ONCE
-    failure_policy: FailurePolicy = FailurePolicy.FALLBACK
     reservation_ttl: float = 600.0
     timezone: str = "UTC"
     log_level: str = "info"
@@ -234,7 +230,6 @@ _SCALARS: Final[Mapping[str, _Scalar[Any]]] = {
         (("general_settings", "master_key"),),
     ),
     "enforcement": _budgetd("enforcement", parse_enforcement, _DEFAULT.enforcement),
-    "failure_policy": _budgetd("failure_policy", parse_failure_policy, _DEFAULT.failure_policy),
     "reservation_ttl": _budgetd("reservation_ttl", parse_seconds, _DEFAULT.reservation_ttl),
     "timezone": _budgetd("timezone", parse_timezone, _DEFAULT.timezone),
     "log_level": _budgetd("log_level", parse_log_level, _DEFAULT.log_level),
@@ -396,7 +391,6 @@ class _Resolver:
             data_dir=scalars["data_dir"],
             master_key=scalars["master_key"],
             enforcement=scalars["enforcement"],
-            failure_policy=scalars["failure_policy"],
             reservation_ttl=scalars["reservation_ttl"],
             timezone=scalars["timezone"],
             log_level=scalars["log_level"],

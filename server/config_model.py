@@ -19,7 +19,6 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
-from enum import StrEnum
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, ClassVar, Final, Union, get_args, get_origin
@@ -42,17 +41,6 @@ _HOSTNAME = re.compile(
 )
 _PORT = re.compile(r"^[0-9]{1,5}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-class FailurePolicy(StrEnum):
-    """What decisions do while Redis is unreachable.
-
-    ``fallback``: decide on the exact Postgres path (slower). ``fail_closed``: answer
-    UNAVAILABLE so the gateway's own failure mode decides.
-    """
-
-    FALLBACK = "fallback"
-    FAIL_CLOSED = "fail_closed"
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,11 +270,6 @@ def parse_enforcement(value: object) -> Enforcement:
     return Enforcement(_choice(value, tuple(mode.value for mode in Enforcement)))
 
 
-def parse_failure_policy(value: object) -> FailurePolicy:
-    """``fallback`` or ``fail_closed``."""
-    return FailurePolicy(_choice(value, tuple(policy.value for policy in FailurePolicy)))
-
-
 def parse_log_level(value: object) -> str:
     """debug, info, warning or error (any case)."""
     return _choice(value, LOG_LEVELS)
@@ -330,7 +313,6 @@ Address = Annotated[str, _checked(parse_address)]
 PostgresUrl = Annotated[str, _checked(parse_postgres_url)]
 RedisUrl = Annotated[str, _checked(parse_redis_url)]
 EnforcementMode = Annotated[Enforcement, _checked(parse_enforcement)]
-FailurePolicyMode = Annotated[FailurePolicy, _checked(parse_failure_policy)]
 LogLevel = Annotated[str, _checked(parse_log_level)]
 TimeZoneName = Annotated[str, _checked(parse_timezone)]
 DataDir = Annotated[Path, _checked(parse_path)]
@@ -635,7 +617,6 @@ class BudgetdSection(Section):
     redis_cluster: Flag | None = None
     data_dir: DataDir | None = None
     enforcement: EnforcementMode | None = None
-    failure_policy: FailurePolicyMode | None = None
     reservation_ttl: Seconds | None = None
     timezone: TimeZoneName | None = None
     log_level: LogLevel | None = None

@@ -12,7 +12,6 @@ import pytest
 
 from server.config import (
     DefaultTeamSettings,
-    FailurePolicy,
     JwtSettings,
     ModelPrice,
     Settings,
@@ -210,7 +209,6 @@ def test_no_file_gives_the_defaults() -> None:
     assert settings.data_dir == Path("./.budgetd")
     assert settings.master_key is None
     assert settings.enforcement is Enforcement.CROSS_ONCE
-    assert settings.failure_policy is FailurePolicy.FALLBACK
     assert settings.reservation_ttl == 600.0
     assert settings.timezone == "UTC"
     assert settings.tzinfo is dt.UTC
@@ -255,7 +253,6 @@ def test_full_config_loads_every_key() -> None:
     assert settings.data_dir == Path("/var/lib/budgetd")
     assert settings.master_key == "sk-from-env-ref"
     assert settings.enforcement is Enforcement.NEVER_EXCEED
-    assert settings.failure_policy is FailurePolicy.FAIL_CLOSED
     assert settings.reservation_ttl == 90.0
     assert settings.timezone == "Europe/Paris"
     assert settings.tzinfo == ZoneInfo("Europe/Paris")
@@ -409,7 +406,6 @@ def test_precedence_of_every_overridable_setting(tmp_path: Path) -> None:
         "log_level": "debug",
         "data_dir": Path("/tmp/x"),
         "redis_url": "redis://localhost:6379/0",
-        "failure_policy": "fail_closed",
     }
     settings = load_settings(path, env, overrides)
     assert settings.enforcement is Enforcement.NEVER_EXCEED
@@ -420,7 +416,6 @@ def test_precedence_of_every_overridable_setting(tmp_path: Path) -> None:
     assert settings.bridge_target == "[::1]:50051"
     assert settings.data_dir == Path("/tmp/x")
     assert settings.redis_url == "redis://localhost:6379/0"
-    assert settings.failure_policy is FailurePolicy.FAIL_CLOSED
     assert load_settings(path, env).log_level == "warning"
 
 
