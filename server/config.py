@@ -49,9 +49,12 @@ from server.config_model import (
     ModelEntry,
     describe,
     parse_address,
+    parse_body_bytes,
     parse_bool,
+    parse_deny_status,
     parse_enforcement,
     parse_http_urls,
+    parse_incomplete_response,
     parse_log_level,
     parse_path,
     parse_postgres_url,
@@ -176,6 +179,13 @@ class Settings:
     reservation_ttl: float = 600.0
     timezone: str = "UTC"
     log_level: str = "info"
+    # HTTP status of a denial at a gateway (LiteLLM's 400); key problems are 401, rate 429.
+    deny_status: int = 400
+    # When the upstream fails or the client leaves mid-response: "release" the hold (charge
+    # nothing) or charge the "estimate" that was held.
+    incomplete_response: str = "release"
+    # The largest request/response body budgetd reads for model, max_tokens and usage.
+    max_body_bytes: int = 1024 * 1024
     prices: Mapping[str, ModelPrice] = field(default_factory=_no_prices)
     default_team_settings: tuple[DefaultTeamSettings, ...] = ()
     jwt: JwtSettings = field(default_factory=JwtSettings)
@@ -233,6 +243,11 @@ _SCALARS: Final[Mapping[str, _Scalar[Any]]] = {
     "reservation_ttl": _budgetd("reservation_ttl", parse_seconds, _DEFAULT.reservation_ttl),
     "timezone": _budgetd("timezone", parse_timezone, _DEFAULT.timezone),
     "log_level": _budgetd("log_level", parse_log_level, _DEFAULT.log_level),
+    "deny_status": _budgetd("deny_status", parse_deny_status, _DEFAULT.deny_status),
+    "incomplete_response": _budgetd(
+        "incomplete_response", parse_incomplete_response, _DEFAULT.incomplete_response
+    ),
+    "max_body_bytes": _budgetd("max_body_bytes", parse_body_bytes, _DEFAULT.max_body_bytes),
     "metrics_enabled": _Scalar(parse_bool, True, ("BUDGETD_METRICS",), (("budgetd", "metrics"),)),
     "multi_instance_rate_limiting": _Scalar(
         parse_bool, False, ("EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING",)
@@ -394,6 +409,9 @@ class _Resolver:
             reservation_ttl=scalars["reservation_ttl"],
             timezone=scalars["timezone"],
             log_level=scalars["log_level"],
+            deny_status=scalars["deny_status"],
+            incomplete_response=scalars["incomplete_response"],
+            max_body_bytes=scalars["max_body_bytes"],
             prices=self.prices(),
             default_team_settings=self.default_teams(),
             jwt=self.jwt(),

@@ -270,6 +270,30 @@ def parse_enforcement(value: object) -> Enforcement:
     return Enforcement(_choice(value, tuple(mode.value for mode in Enforcement)))
 
 
+def parse_deny_status(value: object) -> int:
+    """The HTTP status of a budget denial at a gateway: 400-499 (LiteLLM answers 400)."""
+    number = _whole_number(value)
+    if number is None or not 400 <= number <= 499:
+        raise ValueError(f"must be an HTTP status from 400 to 499 (got {describe(value)})")
+    return number
+
+
+INCOMPLETE_RESPONSE_CHOICES = ("release", "estimate")
+
+
+def parse_incomplete_response(value: object) -> str:
+    """What a hold becomes when the upstream fails or the client goes away mid-response."""
+    return _choice(value, INCOMPLETE_RESPONSE_CHOICES)
+
+
+def parse_body_bytes(value: object) -> int:
+    """A body size limit in bytes: 1 KiB to 64 MiB."""
+    number = _whole_number(value)
+    if number is None or not 1024 <= number <= 64 * 1024 * 1024:
+        raise ValueError(f"must be a number of bytes from 1024 to 67108864 (got {describe(value)})")
+    return number
+
+
 def parse_log_level(value: object) -> str:
     """debug, info, warning or error (any case)."""
     return _choice(value, LOG_LEVELS)
@@ -314,6 +338,9 @@ PostgresUrl = Annotated[str, _checked(parse_postgres_url)]
 RedisUrl = Annotated[str, _checked(parse_redis_url)]
 EnforcementMode = Annotated[Enforcement, _checked(parse_enforcement)]
 LogLevel = Annotated[str, _checked(parse_log_level)]
+DenyStatus = Annotated[int, _checked(parse_deny_status)]
+IncompleteResponse = Annotated[str, _checked(parse_incomplete_response)]
+BodyBytes = Annotated[int, _checked(parse_body_bytes)]
 TimeZoneName = Annotated[str, _checked(parse_timezone)]
 DataDir = Annotated[Path, _checked(parse_path)]
 
@@ -622,6 +649,9 @@ class BudgetdSection(Section):
     log_level: LogLevel | None = None
     metrics: Flag | None = None
     prices: dict[Text, PriceEntry] | None = None
+    deny_status: DenyStatus | None = None
+    incomplete_response: IncompleteResponse | None = None
+    max_body_bytes: BodyBytes | None = None
 
 
 class FileConfig(Section):

@@ -49,6 +49,12 @@ ERRORS: dict[str, tuple[str, str]] = {
         "budgetd.enforcement",
         "must be one of cross_once, never_exceed (got 'sometimes')",
     ),
+    "bad_deny_status.yaml": ("budgetd.deny_status", "from 400 to 499 (got 600)"),
+    "bad_incomplete_response.yaml": (
+        "budgetd.incomplete_response",
+        "must be one of release, estimate (got 'sometimes')",
+    ),
+    "bad_max_body_bytes.yaml": ("budgetd.max_body_bytes", "from 1024 to 67108864 (got 12)"),
     "bad_budget_duration.yaml": (
         "litellm_settings.default_team_settings[0].budget_duration",
         "'1x' is not a duration",
@@ -258,6 +264,9 @@ def test_full_config_loads_every_key() -> None:
     assert settings.tzinfo == ZoneInfo("Europe/Paris")
     assert settings.log_level == "debug"
     assert settings.metrics_enabled is False
+    assert settings.deny_status == 403
+    assert settings.incomplete_response == "estimate"
+    assert settings.max_body_bytes == 2 * 1024 * 1024
     assert settings.success_callback == ("prometheus",)
     assert settings.failure_callback == ("prometheus",)
     assert settings.multi_instance_rate_limiting is False

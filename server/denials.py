@@ -1,0 +1,65 @@
+"""How a decision looks to an HTTP client behind a gateway: status, headers, LiteLLM's body.
+
+Shared by Envoy's ext_authz (in the server) and the HTTP bridge (in clients/), so every
+gateway answers a denial the same way. Inputs are plain values so both the domain Decision
+and the wire CheckBudgetResponse can be passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Reasons that mean "who are you?" rather than "you may not": LiteLLM answers these 401.
+_AUTH_REASONS = frozenset({"KEY_INVALID", "KEY_EXPIRED", "JWT_INVALID"})
+RATE_LIMITED = "RATE_LIMITED"
+
+HEADER_TEAM_ID = "x-budget-team-id"
+HEADER_KEY_ALIAS = "x-budget-key-alias"
+HEADER_RESERVATION_ID = "x-budget-reservation-id"
+HEADER_REMAINING = "x-budget-remaining-usd"
+HEADER_STATUS = "x-budget-status"
+HEADER_MESSAGE = "x-budget-message"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpDenial:
+    """A denial as an HTTP response: status, LiteLLM's JSON error body, extra headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def http_denial(
+    reason: str, message: str, retry_after: float | None, *, deny_status: int = 400
+) -> HttpDenial:
+    """The HTTP form of a denial with proto reason name ``reason``.
+
+    Budget and policy denials use ``deny_status`` (LiteLLM's 400 ``auth_error`` by default),
+    credential problems 401, rate limits 429 with ``retry-after``.
+    """
+    headers: dict[str, str] = {}
+    if reason == RATE_LIMITED:
+        status, kind = 429, "rate_limit_error"
+    elif reason in _AUTH_REASONS:
+        status, kind = 401, "auth_error"
+    else:
+        status, kind = deny_status, "auth_error"
+    if retry_after is not None and (reason == RATE_LIMITED or status == 429):
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return HttpDenial(status, body, headers)
+
+
+def allow_headers(
+    team_id: str, key_alias: str, reservation_id: str, remaining_usd: float | None
+) -> dict[str, str]:
+    """Headers an allowed request carries upstream (``x-budget-*``)."""
+    headers = {HEADER_TEAM_ID: team_id, HEADER_RESERVATION_ID: reservation_id}
+    if key_alias:
+        headers[HEADER_KEY_ALIAS] = key_alias
+    if remaining_usd is not None:
+        headers[HEADER_REMAINING] = repr(remaining_usd)
+    return headers
