@@ -17,8 +17,8 @@ from server import validation
 from server.clock import Clock
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from server.identity import ReservationCodec, hash_api_key
-from server.ledger_sync import rebuild
-from server.money import budget_exceeded_message
+from server.ledger_sync import read_states, rebuild
+from server.money import budget_exceeded_message, nanos_to_usd
 from server.pricing import Price, price_nanos
 from server.rules import Enforcement
 from server.scopes import request_scopes, tightest
@@ -186,7 +186,7 @@ class Authority:
         )
         stored = await self._records.insert_spend(entry)
         if not stored.inserted:
-            return await self._duplicate(stored.entry, entry, scopes, now)
+            return await self._duplicate(stored.entry, entry, key, team, now)
         settled = await self._counters.settle(
             team.team_id, req.reservation_id, scopes, cost, req.request_id, now, DEDUPE_TTL
         )
@@ -335,14 +335,23 @@ class Authority:
         self,
         stored: LedgerEntry,
         attempt: LedgerEntry,
-        scopes: list[ScopeBudget],
+        key: KeyRecord,
+        team: TeamRecord,
         now: float,
     ) -> SpendResult:
-        if stored.cost_nanos != attempt.cost_nanos or stored.team_id != attempt.team_id:
+        """A retry of a recorded request: same cost and key → its recorded answer."""
+        if stored.key_id != attempt.key_id or stored.team_id != attempt.team_id:
+            raise FailedPrecondition(
+                f"request_id {stored.request_id!r} was already recorded for another key"
+            )
+        if stored.cost_nanos != attempt.cost_nanos:
             raise FailedPrecondition(
                 f"request_id {stored.request_id!r} was already recorded with cost"
-                f" {stored.cost_nanos / 1e9!r}; this retry says {attempt.cost_nanos / 1e9!r}"
+                f" {nanos_to_usd(stored.cost_nanos)!r}; this retry says"
+                f" {nanos_to_usd(attempt.cost_nanos)!r}"
             )
+        # The answer is about the windows the request was admitted in, whenever it is retried.
+        scopes = request_scopes(key, team, stored.admitted_at, self._tz)
         if now - stored.recorded_at < DEDUPE_TTL:
             # The first attempt may have written the ledger and failed before the counters:
             # settling again is a no-op if it did get there (request ids are remembered).
@@ -357,10 +366,7 @@ class Authority:
             )
             states = await self._fill(stored.team_id, scopes, settled.states, now)
         else:
-            states = tuple(
-                s or CounterState(0, 0)
-                for s in await self._counters.read(stored.team_id, scopes, now)
-            )
+            states = await read_states(self._records, self._counters, stored.team_id, scopes, now)
         return SpendResult(stored.cost_nanos, states[1].spend, states[0].spend, duplicate=True)
 
 
