@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services import PostgresServer, RedisServer, flush_redis, random_database_name
+from services import (
+    PostgresServer,
+    RedisClusterServers,
+    RedisServer,
+    flush_redis,
+    random_database_name,
+)
 
 DATABASE_URL_ENV = "BUDGETD_TEST_DATABASE_URL"
 REDIS_URL_ENV = "BUDGETD_TEST_REDIS_URL"
@@ -66,3 +72,17 @@ async def redis_url(redis_server: RedisServer) -> str:
         await redis_server.start()  # a previous test stopped it and failed before restarting
     await flush_redis(redis_server.url, everything=redis_server.managed)
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster() -> AsyncIterator[RedisClusterServers]:
+    """A throwaway 3-master Redis Cluster for the session (always started by the tests)."""
+    async with RedisClusterServers() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """``redis+cluster://`` URL of the session's cluster, every master flushed first."""
+    await redis_cluster.flush()
+    return redis_cluster.url

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import redis.asyncio as aioredis
 
 from server.admin import Admin
@@ -31,6 +32,19 @@ ADMIN = (("authorization", f"Bearer {MASTER_KEY}"),)
 # 2024-06-13T22:48:36Z, the instant in the seed's example response.
 SEED_INSTANT = 1718318916.0
 BACKENDS = ("embedded", "postgres_redis")
+# The contract suite also runs on a 3-master Redis Cluster (same Lua scripts).
+CONTRACT_BACKENDS = (*BACKENDS, "postgres_redis_cluster")
+
+
+def backend_urls(request: pytest.FixtureRequest, name: str) -> dict[str, str]:
+    """The service URLs backend ``name`` needs (from a sync fixture: it may start them)."""
+    if name == "embedded":
+        return {}
+    redis_fixture = "redis_cluster_url" if name.endswith("cluster") else "redis_url"
+    return {
+        "database_url": request.getfixturevalue("database_url"),
+        "redis_url": request.getfixturevalue(redis_fixture),
+    }
 
 
 def make_settings(
@@ -58,7 +72,8 @@ def make_stores(name: str, settings: Settings) -> Stores:
     if name == "embedded":
         return Stores(SqliteRecords(settings.data_dir / "budgetd.sqlite3"), MemoryCounters(), name)
     assert settings.database_url and settings.redis_url
-    return Stores(PostgresRecords(settings.database_url), RedisCounters(settings.redis_url), name)
+    counters = RedisCounters(settings.redis_url)  # a redis+cluster:// URL means Cluster
+    return Stores(PostgresRecords(settings.database_url), counters, name)
 
 
 @dataclasses.dataclass
@@ -76,10 +91,16 @@ class Backend:
     async def lose_counters(self) -> None:
         """Forget every hot counter (a restart of the embedded store, FLUSHALL in Redis)."""
         if isinstance(self.counters, RedisCounters):
-            assert self.settings.redis_url
-            client = aioredis.Redis.from_url(self.settings.redis_url)
-            await client.flushdb()
-            await client.aclose()
+            url = self.settings.redis_url
+            assert url
+            if url.startswith("redis+cluster://"):
+                cluster = aioredis.RedisCluster.from_url(url.replace("redis+cluster", "redis"))
+                await cluster.flushall(target_nodes=aioredis.RedisCluster.PRIMARIES)
+                await cluster.aclose()
+            else:
+                client = aioredis.Redis.from_url(url)
+                await client.flushdb()
+                await client.aclose()
         else:
             await self.counters.close()
             self.counters = MemoryCounters()

@@ -534,9 +534,10 @@ class RedisServer:
     Start as many as a test needs. Also an async context manager.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         """Prepare a server; ``port`` defaults to a free port chosen at the first start."""
         self._port = port
+        self._extra_args = tuple(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._external_url: str | None = None
@@ -617,6 +618,7 @@ class RedisServer:
             str(log),
             "--daemonize",
             "no",
+            *self._extra_args,
         ]
         process = await asyncio.to_thread(
             subprocess.Popen, argv, stdin=subprocess.DEVNULL, cwd=directory
@@ -682,3 +684,86 @@ class RedisServer:
         """Stop the server (a no-op for an external one)."""
         if self.managed:
             await self.stop()
+
+
+_CLUSTER_NODE_ARGS = (
+    *("--cluster-enabled", "yes"),
+    *("--cluster-config-file", "nodes.conf"),
+    *("--cluster-node-timeout", "2000"),
+)
+
+
+class RedisClusterServers:
+    """A throwaway 3-master Redis Cluster: three ``redis-server --cluster-enabled yes`` and
+    ``redis-cli --cluster create``. ``url`` is a ``redis+cluster://`` seed URL."""
+
+    NODES = 3
+
+    def __init__(self) -> None:
+        self.nodes = [
+            RedisServer(port=_cluster_port(), extra_args=_CLUSTER_NODE_ARGS)
+            for _ in range(self.NODES)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://{HOST}:{self.nodes[0].port}"
+
+    async def start(self) -> None:
+        """Start the nodes, join them into one cluster, wait until every slot is served."""
+        for node in self.nodes:
+            await node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        addresses = [f"{HOST}:{node.port}" for node in self.nodes]
+        await _run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            cwd=Path(tempfile.gettempdir()),
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for node in self.nodes:
+            while "cluster_state:ok" not in await _cluster_info(cli, node.port):
+                if time.monotonic() > deadline:
+                    raise ServiceError("redis cluster did not reach cluster_state:ok")
+                await asyncio.sleep(0.1)
+
+    async def flush(self) -> None:
+        """Delete every key on every master."""
+        for node in self.nodes:
+            await flush_redis(node.url, everything=True)
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            await node.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def _cluster_info(cli: str, port: int) -> str:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [cli, "-h", HOST, "-p", str(port), "cluster", "info"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return done.stdout
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus twin (port + 10000) is free too; both below 65536."""
+    for _ in range(200):
+        port = 20_000 + secrets.randbelow(30_000)
+        if not _port_in_use(port) and not _port_in_use(port + 10_000):
+            return port
+    raise ServiceError("no free port pair for a Redis Cluster node")

@@ -1,7 +1,8 @@
 """The storage contract: every behaviour of the decision and admin logic, on every backend.
 
-Each test runs twice: on the embedded default (SQLite + in-process counters) and on
-Postgres + Redis, both real. The clock is injected, so window resets are tested exactly.
+Each test runs three times: on the embedded default (SQLite + in-process counters), on
+Postgres + Redis, and on Postgres + a 3-master Redis Cluster, all real. The clock is
+injected, so window resets are tested exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import BACKENDS, SEED_INSTANT, Backend, make_settings, nanos, open_backend
+from harness import (
+    CONTRACT_BACKENDS,
+    SEED_INSTANT,
+    Backend,
+    backend_urls,
+    make_settings,
+    nanos,
+    open_backend,
+)
 from server.admin import NewKey, NewTeam, TeamChanges
 from server.authority import CheckRequest, Reason, SpendRequest
 from server.config import Settings
@@ -24,14 +33,11 @@ from server.storage.base import ScopeKind
 SEED_MESSAGE = "Budget has been exceeded! Current cost: 3.5e-06, Max budget: 1e-09"
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=CONTRACT_BACKENDS)
 def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Settings]:
     """The backend's name and settings (a sync fixture, so it may start the services)."""
     never_exceed = request.node.get_closest_marker("never_exceed") is not None
-    urls: dict[str, str] = {}
-    if request.param == "postgres_redis":
-        urls["database_url"] = request.getfixturevalue("database_url")
-        urls["redis_url"] = request.getfixturevalue("redis_url")
+    urls = backend_urls(request, request.param)
     settings = make_settings(
         tmp_path,
         **urls,

@@ -71,12 +71,24 @@ async def redis_counters(redis_url: str) -> AsyncIterator[RedisCounters]:
                 await client.delete(*keys)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture
+async def redis_cluster_counters(redis_cluster_url: str) -> AsyncIterator[RedisCounters]:
+    """A started RedisCounters on the session's 3-master cluster (flushed per test)."""
+    store = RedisCounters(redis_cluster_url)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "redis", "redis_cluster"])
 def store(request: pytest.FixtureRequest) -> CounterStore:
-    """Each contract test runs once per implementation."""
+    """Each contract test runs once per implementation (and on a Redis Cluster)."""
     if request.param == "memory":
         return MemoryCounters()
-    redis_store: RedisCounters = request.getfixturevalue("redis_counters")
+    fixture = "redis_counters" if request.param == "redis" else "redis_cluster_counters"
+    redis_store: RedisCounters = request.getfixturevalue(fixture)
     return redis_store
 
 
