@@ -17,6 +17,9 @@ from server.api import BudgetAuthorityService
 from server.authority import Authority
 from server.clock import Clock, SystemClock
 from server.config import Settings
+from server.envoy import SERVICE_NAMES as ENVOY_SERVICES
+from server.envoy import add_envoy_services
+from server.envoy.ext_proc import EnvoySpend
 from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
 from server.metrics import Metrics, MetricsServer
@@ -62,7 +65,8 @@ def make_stores(settings: Settings) -> Stores:
 
 
 class BudgetdServer:
-    """One budgetd gRPC server: BudgetAuthority, grpc.health.v1 and reflection on one port."""
+    """One budgetd gRPC server: BudgetAuthority, Envoy ext_authz and ext_proc, grpc.health.v1
+    and reflection on one port."""
 
     def __init__(
         self, settings: Settings, *, clock: Clock | None = None, stores: Stores | None = None
@@ -77,6 +81,7 @@ class BudgetdServer:
         self._metrics_server: MetricsServer | None = None
         self.authority: Authority | None = None
         self.admin: Admin | None = None
+        self._envoy_spend: EnvoySpend | None = None
 
     @property
     def stores(self) -> Stores:
@@ -110,10 +115,11 @@ class BudgetdServer:
             self.authority, self.admin, settings.master_key, self.metrics
         )
         budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server(service, server)
+        self._envoy_spend = add_envoy_services(server, self.authority, settings, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (SERVICE_NAME, *ENVOY_SERVICES,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
         self.port = server.add_insecure_port(settings.grpc_addr)
@@ -148,6 +154,9 @@ class BudgetdServer:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)
             self._server = None
+        if self._envoy_spend is not None:
+            # Spend that Envoy reported just before the stop is recorded before storage closes.
+            await self._envoy_spend.drain()
         await self._stores.counters.close()
         await self._stores.records.close()
 

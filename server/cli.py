@@ -1,4 +1,4 @@
-"""The budgetd command line: serve, migrate, up."""
+"""The budgetd command line: serve, bridge, up, migrate."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from server.app import SQLITE_FILE, BudgetdServer
+from clients.bridge import Bridge, BridgeConfig
+from server.app import SQLITE_FILE, BudgetdServer, split_address
 from server.config import Settings, load_settings
 from server.errors import BudgetdError, ConfigError
 from server.storage.postgres import migrate as migrate_postgres
 from server.storage.sqlite import SqliteRecords
+
+log = logging.getLogger("budgetd")
 
 DESCRIPTION = """\
 budgetd: a budget authority for API gateways. Gateways ask it before each paid request
@@ -25,14 +28,20 @@ Storage: with neither DATABASE_URL nor REDIS_URL set, budgetd keeps everything i
 file under BUDGETD_DATA_DIR (default ./.budgetd) with in-process counters (one instance).
 Set DATABASE_URL=postgresql://... and REDIS_URL=redis://... to run many replicas.
 
+Gateways that cannot speak gRPC (nginx auth_request, Traefik forwardAuth, Envoy's HTTP
+ext_authz) and LiteLLM's admin API (/team/new, /key/generate, ...) use the HTTP bridge:
+`budgetd bridge` on its own, or `budgetd up` for budgetd and the bridge in one process.
+
 Admin calls need 'authorization: Bearer <master key>': set BUDGETD_MASTER_KEY (or
 LITELLM_MASTER_KEY, or general_settings.master_key in the config file).
 """
 
 EPILOG = """\
 examples:
+  budgetd up                                     # gRPC on :50051, HTTP bridge on :4000
   budgetd serve                                  # embedded default on 127.0.0.1:50051
   budgetd serve --config config.yaml --grpc-addr 0.0.0.0:50051
+  budgetd bridge --listen 0.0.0.0:4000 --target budgetd.internal:50051
   DATABASE_URL=postgresql://localhost/budgetd budgetd migrate
   grpcurl -plaintext localhost:50051 list        # reflection is on
 """
@@ -55,14 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve = argparse.ArgumentParser(add_help=False)
     serve.add_argument("--grpc-addr", metavar="HOST:PORT", help="default 127.0.0.1:50051")
     serve.add_argument("--metrics-addr", metavar="HOST:PORT", help="default 127.0.0.1:9464")
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument(
+        "--listen", metavar="HOST:PORT", help="the HTTP bridge's address (default 127.0.0.1:4000)"
+    )
     commands.add_parser(
         "serve", parents=[common, serve], help="run the gRPC budget authority"
     ).set_defaults(run=_serve)
+    bridge = commands.add_parser(
+        "bridge",
+        parents=[common, listen],
+        help="run the HTTP bridge (nginx, Traefik, Envoy HTTP ext_authz, LiteLLM admin API) "
+        "in front of a running budgetd",
+        description="The HTTP translation client: a gRPC client of budgetd with an HTTP face. "
+        "Endpoints: /envoy/authz/*, /nginx/auth, /traefik/auth, POST /spend, LiteLLM's "
+        "/team/new, /team/info, /team/update, /key/generate, /key/info, /key/delete, and "
+        "/healthz, /health/readiness.",
+    )
+    bridge.add_argument(
+        "--target", metavar="HOST:PORT", help="budgetd's gRPC address (default 127.0.0.1:50051)"
+    )
+    bridge.set_defaults(run=_bridge)
     commands.add_parser(
         "up",
-        parents=[common, serve],
-        help="run everything a gateway needs in one process (what `make run` starts)",
-    ).set_defaults(run=_serve)
+        parents=[common, serve, listen],
+        help="run budgetd and the HTTP bridge in one process (what `make run` starts)",
+        description="budgetd's gRPC server plus the HTTP bridge, which asks that server.",
+    ).set_defaults(run=_up)
     commands.add_parser(
         "migrate", parents=[common], help="apply pending database migrations and exit"
     ).set_defaults(run=_migrate)
@@ -76,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {
         "grpc_addr": getattr(args, "grpc_addr", None),
         "metrics_addr": getattr(args, "metrics_addr", None),
+        "bridge_listen": getattr(args, "listen", None),
+        "bridge_target": getattr(args, "target", None),
         "log_level": args.log_level,
     }
     try:
@@ -98,20 +128,73 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    stop = _stop_on_signals()
     server = BudgetdServer(settings)
     await server.start()
-    if settings.master_key is None:
-        logging.getLogger("budgetd").warning(
-            "no master key configured: admin RPCs are refused (set BUDGETD_MASTER_KEY)"
+    _warn_without_master_key(settings)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    await server.stop(grace=5.0)
+    return 0
+
+
+async def _bridge(settings: Settings) -> int:
+    stop = _stop_on_signals()
+    bridge = Bridge(BridgeConfig.from_settings(settings))
+    await bridge.start()
+    if not await bridge.client.serving():
+        log.warning(
+            "budgetd at %s is not serving yet: requests get 503 until it is",
+            bridge.config.target,
         )
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    await bridge.stop()
+    return 0
+
+
+async def _up(settings: Settings) -> int:
+    stop = _stop_on_signals()
+    server = BudgetdServer(settings)
+    port = await server.start()
+    _warn_without_master_key(settings)
+    bridge = Bridge(BridgeConfig.from_settings(settings, target=_local_target(settings, port)))
+    try:
+        await bridge.start()
+    except OSError:
+        await server.stop(grace=1.0)
+        raise
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    # The bridge first: its in-flight requests still need the server to answer them.
+    await bridge.stop()
+    await server.stop(grace=5.0)
+    return 0
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (installed before starting, so none is missed)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger("budgetd").info("shutting down: draining in-flight requests")
-    await server.stop(grace=5.0)
-    return 0
+    return stop
+
+
+def _warn_without_master_key(settings: Settings) -> None:
+    if settings.master_key is None:
+        log.warning("no master key configured: admin RPCs are refused (set BUDGETD_MASTER_KEY)")
+
+
+def _local_target(settings: Settings, port: int) -> str:
+    """How the bridge in this process reaches the server: its bound port, and loopback when
+    the server listens on every address."""
+    host, _ = split_address(settings.grpc_addr)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _migrate(settings: Settings) -> int:

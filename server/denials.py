@@ -21,6 +21,20 @@ HEADER_RESERVATION_ID = "x-budget-reservation-id"
 HEADER_REMAINING = "x-budget-remaining-usd"
 HEADER_STATUS = "x-budget-status"
 HEADER_MESSAGE = "x-budget-message"
+# What the hold was (USD) and which model the request named: set on allow so a response-side
+# step (Envoy ext_proc) can charge the estimate or price the usage without the request body.
+HEADER_RESERVED = "x-budget-reserved-usd"
+HEADER_MODEL = "x-budget-model"
+# Every header budgetd sets upstream: a gateway drops the ones not set on a given allow, so a
+# client cannot smuggle its own values past the check.
+ALLOW_HEADERS = (
+    HEADER_TEAM_ID,
+    HEADER_KEY_ALIAS,
+    HEADER_RESERVATION_ID,
+    HEADER_REMAINING,
+    HEADER_RESERVED,
+    HEADER_MODEL,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +63,17 @@ def http_denial(
         status, kind = deny_status, "auth_error"
     if retry_after is not None and (reason == RATE_LIMITED or status == 429):
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return HttpDenial(status, body, headers)
+    return HttpDenial(status, error_body(status, message, kind), headers)
 
 
 def allow_headers(
-    team_id: str, key_alias: str, reservation_id: str, remaining_usd: float | None
+    team_id: str,
+    key_alias: str,
+    reservation_id: str,
+    remaining_usd: float | None,
+    *,
+    reserved_usd: float | None = None,
+    model: str = "",
 ) -> dict[str, str]:
     """Headers an allowed request carries upstream (``x-budget-*``)."""
     headers = {HEADER_TEAM_ID: team_id, HEADER_RESERVATION_ID: reservation_id}
@@ -62,4 +81,18 @@ def allow_headers(
         headers[HEADER_KEY_ALIAS] = key_alias
     if remaining_usd is not None:
         headers[HEADER_REMAINING] = repr(remaining_usd)
+    if reserved_usd is not None:
+        headers[HEADER_RESERVED] = repr(reserved_usd)
+    if model:
+        headers[HEADER_MODEL] = model
     return headers
+
+
+def http_error(status: int, message: str, kind: str = "invalid_request_error") -> HttpDenial:
+    """A request refused before any budget question (bad body, too large): same body shape."""
+    return HttpDenial(status, error_body(status, message, kind))
+
+
+def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    """LiteLLM's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}

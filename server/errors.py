@@ -75,3 +75,18 @@ def _lookup(error: BudgetdError) -> tuple[grpc.StatusCode, HTTPStatus]:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     return grpc.StatusCode.INTERNAL, HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+def http_status_for_code(code: grpc.StatusCode) -> HTTPStatus:
+    """The HTTP status for a gRPC status received from budgetd (used by the bridge).
+
+    Read from the same table: the first domain error with ``code`` decides, so
+    FAILED_PRECONDITION is a 409 conflict. DEADLINE_EXCEEDED means budgetd did not answer
+    in time, which a caller handles like UNAVAILABLE: 503, try again later.
+    """
+    for grpc_status, status in ERROR_TABLE.values():
+        if grpc_status == code:
+            return status
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return HTTPStatus.SERVICE_UNAVAILABLE
+    return HTTPStatus.INTERNAL_SERVER_ERROR

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness import make_settings, running_server
+from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from services import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"
@@ -39,12 +43,20 @@ async def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 async def test_help_names_every_command_and_the_storage_choice(tmp_path: Path) -> None:
-    code, out, _ = await run("--help", env=clean_env(tmp_path))
-    assert code == 0
-    for word in ("serve", "up", "migrate", "DATABASE_URL", "BUDGETD_MASTER_KEY"):
-        assert word in out
-    code, out, _ = await run("serve", "--help", env=clean_env(tmp_path))
-    assert code == 0 and "--grpc-addr" in out and "--config" in out
+    env = clean_env(tmp_path)
+    helps = await asyncio.gather(
+        run("--help", env=env),
+        run("serve", "--help", env=env),
+        run("bridge", "--help", env=env),
+        run("up", "--help", env=env),
+    )
+    assert [code for code, _, _ in helps] == [0, 0, 0, 0]
+    top, serve, bridge, up = (out for _, out, _ in helps)
+    for word in ("serve", "up", "bridge", "migrate", "DATABASE_URL", "BUDGETD_MASTER_KEY"):
+        assert word in top
+    assert "--grpc-addr" in serve and "--config" in serve
+    assert "--listen" in bridge and "--target" in bridge and "/nginx/auth" in bridge
+    assert "--listen" in up and "--grpc-addr" in up
 
 
 async def test_a_bad_config_stops_the_start_naming_the_key_and_the_file(tmp_path: Path) -> None:
@@ -102,3 +114,90 @@ async def test_serve_refuses_to_start_when_postgres_is_unreachable(tmp_path: Pat
     code, _, err = await run("serve", "--grpc-addr", "127.0.0.1:0", env=env)
     assert code == 1
     assert "postgres unavailable" in err
+
+
+async def _http_ready(url: str, proc: asyncio.subprocess.Process) -> None:
+    """Poll ``url`` until it answers 200 (fail early if the process died)."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            assert proc.returncode is None, "budgetd exited early"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url) as answer:
+                    if answer.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never answered 200")
+
+
+async def _create_team(bridge_url: str) -> dict[str, object]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            bridge_url + "/team/new",
+            headers={"Authorization": "Bearer sk-test"},
+            json={"team_alias": "QA Prod Bot", "max_budget": 0.000000001, "budget_duration": "1d"},
+        ) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        return dict(await answer.json())
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    return err.decode()
+
+
+async def test_up_serves_grpc_and_the_http_bridge_in_one_process(tmp_path: Path) -> None:
+    grpc_port, bridge_port = free_port(), free_port()
+    env = clean_env(tmp_path, BUDGETD_MASTER_KEY="sk-test")
+    proc = await asyncio.create_subprocess_exec(
+        BUDGETD, "up", "--grpc-addr", f"127.0.0.1:{grpc_port}", "--metrics-addr", "127.0.0.1:0",
+        "--listen", f"127.0.0.1:{bridge_port}",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="budgetd.v1.BudgetAuthority"),
+                wait_for_ready=True,
+                timeout=30,
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        bridge = f"http://127.0.0.1:{bridge_port}"
+        await _http_ready(bridge + "/health/readiness", proc)
+        team = await _create_team(bridge)
+        assert team["max_budget"] == 1e-09
+        err = await _terminate(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    assert "shutting down" in err and f"asking budgetd at 127.0.0.1:{grpc_port}" in err
+
+
+async def test_bridge_asks_a_running_budgetd(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, master_key="sk-test")
+    async with running_server("embedded", settings) as running:
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            BUDGETD, "bridge", "--listen", f"127.0.0.1:{port}", "--target", running.target,
+            env=clean_env(tmp_path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            bridge = f"http://127.0.0.1:{port}"
+            await _http_ready(bridge + "/health/readiness", proc)
+            team = await _create_team(bridge)
+            listed = await running.stub.ListTeams(
+                pb.ListTeamsRequest(), metadata=(("authorization", "Bearer sk-test"),)
+            )
+            assert [t.team_id for t in listed.teams] == [team["team_id"]]
+            err = await _terminate(proc)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, err
+    assert "shutting down" in err

@@ -1,0 +1,186 @@
+"""Envoy's gRPC external authorization: ``envoy.service.auth.v3.Authorization/Check``.
+
+Envoy's ``envoy.filters.http.ext_authz`` filter asks this before every request. The key comes
+from ``authorization: Bearer …`` or ``x-api-key``; with ``with_request_body`` set, the model,
+``max_tokens`` and prompt size come from the OpenAI-style JSON body and size the hold.
+
+* Allow: gRPC status OK in the CheckResponse, the ``x-budget-*`` headers set upstream (every
+  other ``x-budget-*`` header and the header that carried the key removed, so neither a
+  forged value nor the budgetd key reaches the upstream), and the same facts as dynamic
+  metadata (namespace ``envoy.filters.http.ext_authz``) for access logs and later filters.
+* Deny: ``denied_response`` with LiteLLM's JSON error body and the HTTP status from
+  :mod:`server.denials` (``deny_status``, 400 by default; 401 for key problems; 429 with
+  ``retry-after`` for rate limits). A body that is too large (413) or malformed (400) is
+  refused the same way, before any budget question.
+* budgetd cannot decide (a backend is down): the RPC fails with the gRPC status from the
+  error table (UNAVAILABLE), so Envoy's ``failure_mode_allow`` / ``status_on_error`` decide.
+  Never an allow by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2 as auth_pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from server.authority import Authority, CheckRequest, Decision
+from server.config import Settings
+from server.denials import (
+    ALLOW_HEADERS,
+    HttpDenial,
+    allow_headers,
+    http_denial,
+    http_error,
+)
+from server.envoy.openai import BodyError, RequestFacts, parse_request
+from server.envoy.wire import header_values, set_headers
+from server.errors import BudgetdError, grpc_code
+from server.identity import bearer_token
+from server.metrics import Metrics
+from server.money import nanos_to_usd
+from server.validation import MAX_TEXT
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+log = logging.getLogger("budgetd.envoy")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+# xds-protos ships no type information, so its servicer base class is Any to mypy.
+class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """``Authorization/Check`` answered by the Authority, in LiteLLM's HTTP terms."""
+
+    def __init__(self, authority: Authority, settings: Settings, metrics: Metrics) -> None:
+        self._authority = authority
+        self._settings = settings
+        self._metrics = metrics
+
+    async def Check(self, request: Any, context: Context) -> Any:
+        """One ext_authz question; a denial is a normal answer, an outage an error status."""
+        http = request.attributes.request.http
+        headers = dict(http.headers)
+        headers.update(header_values(http.header_map.headers))
+        headers = {name.lower(): value for name, value in headers.items()}
+        api_key, used = credential(headers)
+        body = bytes(http.raw_body) or http.body.encode()
+        try:
+            facts = parse_request(
+                body, self._settings.max_body_bytes, headers.get("content-type", "")
+            )
+        except BodyError as exc:
+            return _denied(http_error(exc.status, str(exc)), {"reason": "INVALID_REQUEST"})
+        req = CheckRequest(
+            api_key=api_key,
+            model=facts.model,
+            request_id=_request_id(headers.get("x-request-id", "") or http.id),
+            max_tokens=facts.max_tokens,
+            prompt_tokens=facts.prompt_tokens,
+        )
+        with self._metrics.latency.labels("EnvoyCheck").time():
+            try:
+                decision = await self._authority.check(req)
+            except BudgetdError as exc:
+                log.warning("ext_authz cannot decide (%s): %s", type(exc).__name__, exc)
+                await context.abort(grpc_code(exc), str(exc))
+        self._metrics.decision(decision)
+        if decision.allowed:
+            return _allowed(decision, facts, used)
+        denial = http_denial(
+            decision.reason.value,
+            decision.message,
+            decision.retry_after,
+            deny_status=self._settings.deny_status,
+        )
+        return _denied(denial, _facts(decision))
+
+
+def credential(headers: dict[str, str]) -> tuple[str, list[str]]:
+    """The API key (``authorization: Bearer`` first, then ``x-api-key``) and the headers
+    that carry it (removed before the request goes upstream)."""
+    bearer = bearer_token(headers.get("authorization"))
+    api_key = (headers.get("x-api-key") or "").strip()
+    key = bearer or api_key
+    carriers = []
+    if key and bearer == key:
+        carriers.append("authorization")
+    if key and api_key == key:
+        carriers.append("x-api-key")
+    return key, carriers
+
+
+def _request_id(value: str) -> str:
+    # Only a label at check time: an unusable one is dropped rather than failing the check.
+    return value if len(value) <= MAX_TEXT and "\x00" not in value else ""
+
+
+def _facts(decision: Decision) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "allowed": decision.allowed,
+        "team_id": decision.team_id,
+        "key_id": decision.key_id,
+        "key_alias": decision.key_alias,
+    }
+    if decision.remaining_nanos is not None:
+        facts["remaining_usd"] = nanos_to_usd(decision.remaining_nanos)
+    if decision.allowed:
+        facts["reservation_id"] = decision.reservation_id
+        facts["reserved_usd"] = nanos_to_usd(decision.reserved_nanos)
+    else:
+        facts["reason"] = decision.reason.value
+    return facts
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update({name: value for name, value in values.items() if value not in ("", None)})
+    return out
+
+
+def _allowed(decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
+    remaining = None
+    if decision.remaining_nanos is not None:
+        remaining = nanos_to_usd(decision.remaining_nanos)
+    upstream = allow_headers(
+        decision.team_id,
+        decision.key_alias,
+        decision.reservation_id,
+        remaining,
+        reserved_usd=nanos_to_usd(decision.reserved_nanos),
+        model=facts.model,
+    )
+    drop = used + [name for name in ALLOW_HEADERS if name not in upstream]
+    metadata = _facts(decision)
+    if facts.model:
+        metadata["model"] = facts.model
+    response = auth_pb.CheckResponse(
+        ok_response=auth_pb.OkHttpResponse(headers=set_headers(upstream), headers_to_remove=drop),
+        dynamic_metadata=_struct(metadata),
+    )
+    response.status.code = grpc.StatusCode.OK.value[0]
+    return response
+
+
+def _denied(denial: HttpDenial, metadata: dict[str, Any]) -> Any:
+    headers = {"content-type": "application/json", **denial.headers}
+    response = auth_pb.CheckResponse(
+        denied_response=auth_pb.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=denial.status),
+            headers=set_headers(headers),
+            body=json.dumps(denial.body),
+        ),
+        dynamic_metadata=_struct(metadata),
+    )
+    # Any non-OK code denies; the HTTP status above is what the client sees.
+    code = (
+        grpc.StatusCode.UNAUTHENTICATED
+        if denial.status == 401
+        else grpc.StatusCode.PERMISSION_DENIED
+    )
+    response.status.code = code.value[0]
+    response.status.message = str(denial.body["error"]["message"])
+    return response
