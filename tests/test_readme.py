@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from harness import make_settings, running_server
+from server.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## The seed walkthrough, with grpcurl"
@@ -92,3 +93,21 @@ async def test_readme_seed_walkthrough_works_word_for_word(tmp_path: Path) -> No
     assert denial["message"] == (
         "Budget has been exceeded! Current cost: 3.5e-06, Max budget: 1e-09"
     )
+
+
+def test_readme_configuration_example_loads(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Configuration") :]
+    example = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)[0]
+    path = tmp_path / "config.yaml"
+    path.write_text(example)
+    env = {
+        "LITELLM_MASTER_KEY": "sk-readme",
+        "DATABASE_URL": "postgresql://budgetd@db.internal/budgetd",
+        "REDIS_URL": "redis://redis.internal:6379/0",
+    }
+    settings = load_settings(path, env)
+    assert settings.master_key == "sk-readme"
+    assert settings.redis_url == "redis://redis.internal:6379/0"
+    assert "llama3" in settings.prices
+    assert settings.default_team_settings[0].max_budget == 100.0
