@@ -122,7 +122,10 @@ class BudgetdServer:
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
-        self.port = server.add_insecure_port(settings.grpc_addr)
+        try:
+            self.port = server.add_insecure_port(settings.grpc_addr)
+        except RuntimeError as exc:  # grpcio reports a taken port this way
+            raise OSError(f"cannot bind the gRPC address {settings.grpc_addr}: {exc}") from exc
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC address {settings.grpc_addr}")
         await server.start()

@@ -14,6 +14,14 @@ The rule, on the wall clock of the configured time zone (UTC by default):
   ``30d`` means one calendar month, as in LiteLLM's documentation.
 * ``Nmo``: periods of N calendar months counted from January 1970, starting at midnight on
   the first (``1mo`` monthly, ``3mo`` quarterly, ``12mo`` yearly).
+
+Where a time zone changes its clocks, a window of at most a day (``Ns``, ``Nm``, ``Nh`` up
+to 24h, ``1d``) resets at every instant the wall clock shows one of its starts: when the
+clocks go back, the repeated ``1h`` (or ``1m``, ``1s``) periods are windows of their own;
+a period the change cuts into (``2h`` from 00:00 to 02:00 when 01:00-02:00 repeats, or one
+the jump forward skips) runs from the last start shown before the change to the first one
+shown after it. Every instant is in exactly one window, and ``budget_reset_at`` is never in
+the past.
 """
 
 from __future__ import annotations
@@ -99,6 +107,8 @@ def window_at(duration: Duration | None, t: float, tz: tzinfo = UTC) -> Window:
     if duration is None:
         return ALL_TIME
     second = math.floor(t)
+    if not duration.months and duration.seconds <= _DAY:
+        return _short_window(second, duration.seconds, tz)
     wall = datetime.fromtimestamp(second, tz).replace(tzinfo=None)
     if duration.months:
         start_wall, end_wall = _month_window(wall, duration.months)
@@ -136,6 +146,56 @@ def _clock_window(wall: datetime, length: int) -> tuple[datetime, datetime]:
     into_day = int((wall - midnight).total_seconds())
     start = midnight + timedelta(seconds=into_day - into_day % length)
     return start, min(start + timedelta(seconds=length), midnight + timedelta(days=1))
+
+
+def _short_window(second: int, length: int, tz: tzinfo) -> Window:
+    """A window of at most a day: a period of the wall clock, exact across clock changes.
+
+    A boundary is an instant at which the wall clock shows a period's start. Converting a
+    wall time back to an instant is ambiguous when the clocks go back (the hour is shown
+    twice) and impossible when they jump forward, so the periods are computed on the fixed
+    offset of ``second`` and only a clock change inside the period moves its ends: to the
+    last boundary before the change, or the first one after it.
+    """
+    offset = _offset(second, tz)
+    start, end = _fixed_window(second, length, offset)
+    if _offset(start, tz) != offset:  # the clocks changed in (start, second]
+        change = _change(start, second, tz)
+        start = _fixed_window(change - 1, length, _offset(change - 1, tz))[0]
+    if _offset(end, tz) != offset:  # the clocks change in (second, end]
+        change = _change(second, end, tz)
+        after = _fixed_window(change, length, _offset(change, tz))
+        end = change if after[0] == change else after[1]
+    return Window(start, end)
+
+
+def _fixed_window(second: int, length: int, offset: int) -> tuple[int, int]:
+    """The period of ``second`` as if the zone's UTC offset were ``offset`` throughout."""
+    start, end = _clock_window(_EPOCH + timedelta(seconds=second + offset), length)
+    return _seconds(start) - offset, _seconds(end) - offset
+
+
+def _offset(second: int, tz: tzinfo) -> int:
+    """The zone's UTC offset at an instant, in seconds."""
+    offset = datetime.fromtimestamp(second, tz).utcoffset()
+    return 0 if offset is None else int(offset.total_seconds())
+
+
+def _change(before: int, after: int, tz: tzinfo) -> int:
+    """The first second in ``(before, after]`` whose offset differs from ``before``'s."""
+    offset = _offset(before, tz)
+    while after - before > 1:
+        middle = (before + after) // 2
+        if _offset(middle, tz) == offset:
+            before = middle
+        else:
+            after = middle
+    return after
+
+
+def _seconds(wall: datetime) -> int:
+    """A naive datetime counted as seconds since 1970-01-01T00:00 on the same clock."""
+    return int((wall - _EPOCH).total_seconds())
 
 
 def _instant(wall: datetime, tz: tzinfo) -> int:

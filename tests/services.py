@@ -711,8 +711,18 @@ class RedisClusterServers:
 
     async def start(self) -> None:
         """Start the nodes, join them into one cluster, wait until every slot is served."""
-        for node in self.nodes:
-            await node.start()
+        for index in range(len(self.nodes)):
+            for attempt in range(_START_ATTEMPTS):
+                try:
+                    await self.nodes[index].start()
+                    break
+                except ServiceError:
+                    # The port or its cluster-bus twin was taken meanwhile: try another pair.
+                    if attempt == _START_ATTEMPTS - 1:
+                        raise
+                    self.nodes[index] = RedisServer(
+                        port=_cluster_port(), extra_args=_CLUSTER_NODE_ARGS
+                    )
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
         addresses = [f"{HOST}:{node.port}" for node in self.nodes]
         await _run(

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from bridge_harness import CHAT, MASTER, SEED_DENIAL, SEED_TEAM, running_bridge
 
+from bridge_harness import CHAT, MASTER, SEED_DENIAL, SEED_TEAM, running_bridge
 from clients.bridge import Bridge
 from clients.grpc_client import BudgetdClient, RpcError, pb
 from harness import BACKENDS, make_settings, running_server

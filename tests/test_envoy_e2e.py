@@ -18,10 +18,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from envoy_harness import EnvoyProcess, free_ports, render_example
 from envoy_messages import CHAT, PRICES, SEED_BODY, SEED_COST, eventually
 from fake_openai import FakeOpenAI
-
 from harness import ADMIN, Running, make_settings, running_server
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 

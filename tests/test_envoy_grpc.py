@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from envoy_messages import (
     CHAT,
     JSON,
@@ -33,8 +35,6 @@ from envoy_messages import (
     serve,
     upstream_headers,
 )
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from server.envoy.ext_proc import spend_request_id
 from services import RedisServer
 

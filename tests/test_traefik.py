@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from bridge_harness import (
     CHAT,
     EXAMPLES,
@@ -29,7 +30,6 @@ from bridge_harness import (
     running_upstream,
     wait_until_answers,
 )
-
 from clients.bridge import Bridge
 from harness import make_settings, running_server
 from services import free_port
