@@ -20,7 +20,7 @@ import pytest
 from bridge_harness import CHAT, MASTER, SEED_DENIAL, SEED_TEAM, running_bridge
 from clients.bridge import Bridge
 from clients.grpc_client import BudgetdClient, RpcError, pb
-from harness import BACKENDS, make_settings, running_server
+from harness import BACKENDS, backend_urls, make_settings, running_server
 from server.config import ModelPrice, Settings
 from server.errors import http_status_for_code
 from services import free_port
@@ -62,10 +62,7 @@ class Bridged:
 
 @pytest.fixture(params=BACKENDS)
 def bridge_settings(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Settings]:
-    urls: dict[str, str] = {}
-    if request.param == "postgres_redis":
-        urls["database_url"] = request.getfixturevalue("database_url")
-        urls["redis_url"] = request.getfixturevalue("redis_url")
+    urls = backend_urls(request, request.param)
     return request.param, make_settings(tmp_path, prices=PRICES, **urls)
 
 

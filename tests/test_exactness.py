@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from harness import BACKENDS, Backend, make_settings, open_backend
+from harness import BACKENDS, Backend, backend_urls, make_settings, open_backend
 from server.admin import NewKey, NewTeam
 from server.authority import SpendRequest
 from server.config import Settings
@@ -25,10 +25,7 @@ TENTH_OF_A_DOLLAR = 100_000_000  # nano-USD
 
 @pytest.fixture(params=BACKENDS)
 def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Settings]:
-    urls: dict[str, str] = {}
-    if request.param == "postgres_redis":
-        urls["database_url"] = request.getfixturevalue("database_url")
-        urls["redis_url"] = request.getfixturevalue("redis_url")
+    urls = backend_urls(request, request.param)
     return request.param, make_settings(tmp_path, **urls)
 
 

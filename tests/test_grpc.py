@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from harness import ADMIN, BACKENDS, Running, make_settings, running_server
+from harness import ADMIN, BACKENDS, Running, backend_urls, make_settings, running_server
 from server.config import Settings
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 
@@ -23,10 +23,7 @@ SEED_MESSAGE = "Budget has been exceeded! Current cost: 3.5e-06, Max budget: 1e-
 
 @pytest.fixture(params=BACKENDS)
 def served_settings(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Settings]:
-    urls: dict[str, str] = {}
-    if request.param == "postgres_redis":
-        urls["database_url"] = request.getfixturevalue("database_url")
-        urls["redis_url"] = request.getfixturevalue("redis_url")
+    urls = backend_urls(request, request.param)
     return request.param, make_settings(tmp_path, **urls)
 
 

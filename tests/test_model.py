@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from harness import BACKENDS, Backend, make_settings, open_backend
+from harness import BACKENDS, Backend, backend_urls, make_settings, open_backend
 from server.admin import NewKey, NewTeam
 from server.authority import CheckRequest, Reason, SpendRequest
 from server.config import Settings
@@ -273,10 +273,7 @@ class BudgetMachine(RuleBasedStateMachine):
 
 @pytest.fixture(params=BACKENDS)
 def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Settings]:
-    urls: dict[str, str] = {}
-    if request.param == "postgres_redis":
-        urls["database_url"] = request.getfixturevalue("database_url")
-        urls["redis_url"] = request.getfixturevalue("redis_url")
+    urls = backend_urls(request, request.param)
     return request.param, make_settings(tmp_path, **urls, reservation_ttl=TTL)
 
 

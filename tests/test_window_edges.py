@@ -30,7 +30,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness import BACKENDS, SEED_INSTANT, Backend, make_settings, nanos, open_backend
+from harness import (
+    BACKENDS,
+    SEED_INSTANT,
+    Backend,
+    backend_urls,
+    make_settings,
+    nanos,
+    open_backend,
+)
 from replicas import create_team_and_key, start_replicas
 from server.admin import NewKey, NewTeam
 from server.authority import Authority, CheckRequest, SpendRequest
@@ -56,10 +64,7 @@ JUST_BEFORE = math.nextafter(MINUTE_END, -math.inf)  # the last instant of the o
 @pytest.fixture(params=BACKENDS)
 def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Settings]:
     """The backend's name and settings (a sync fixture, so it may start the services)."""
-    urls: dict[str, str] = {}
-    if request.param == "postgres_redis":
-        urls["database_url"] = request.getfixturevalue("database_url")
-        urls["redis_url"] = request.getfixturevalue("redis_url")
+    urls = backend_urls(request, request.param)
     return request.param, make_settings(tmp_path, **urls, reservation_ttl=60.0)
 
 
