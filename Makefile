@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GEN := server/gen
 PROTOS := $(wildcard proto/budgetd/v1/*.proto)
+CONFIG ?= examples/config.yaml
 
 .PHONY: all install run test lint format typecheck proto proto-check clean
 
@@ -20,11 +21,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The embedded default (SQLite under ./.budgetd, in-process counters): no services needed.
+# It loads examples/config.yaml (its model_list prices llama3, so the seed's walkthrough
+# through a gateway ends in the seed's denial) unless BUDGETD_CONFIG or CONFIG says otherwise.
 # A development master key is set when none is given, so the README walkthrough works as is.
+# It goes in LITELLM_MASTER_KEY too, so that a LiteLLM config's
+# `master_key: os.environ/LITELLM_MASTER_KEY` (examples/config.yaml) resolves.
 run: $(STAMP)
 	@if [ -z "$$BUDGETD_MASTER_KEY$$LITELLM_MASTER_KEY" ]; then \
 	  echo "make run: no master key set; using the development key sk-1234 (set BUDGETD_MASTER_KEY to change it)"; fi
-	BUDGETD_MASTER_KEY=$${BUDGETD_MASTER_KEY:-$${LITELLM_MASTER_KEY:-sk-1234}} $(BIN)/budgetd up $(ARGS)
+	BUDGETD_MASTER_KEY=$${BUDGETD_MASTER_KEY:-$${LITELLM_MASTER_KEY:-sk-1234}} \
+	LITELLM_MASTER_KEY=$${LITELLM_MASTER_KEY:-$${BUDGETD_MASTER_KEY:-sk-1234}} \
+	  $(BIN)/budgetd up --config $${BUDGETD_CONFIG:-$(CONFIG)} $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -93,12 +93,13 @@ def render(source: Path, replacements: Mapping[str, str], destination: Path) -> 
 
 @asynccontextmanager
 async def child_process(
-    argv: Sequence[str], *, cwd: Path, log: Path
+    argv: Sequence[str], *, cwd: Path, log: Path, env: Mapping[str, str] | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run a gateway in the foreground; SIGTERM (then SIGKILL) it afterwards."""
+    """Run a gateway (or budgetd) in the foreground, in ``env`` (default: this process's
+    environment); SIGTERM (then SIGKILL) it afterwards."""
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
+            *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
         )
     try:
         yield proc

@@ -31,6 +31,7 @@ EXAMPLE_BUDGETD_PORT = 50051
 EXAMPLE_UPSTREAM_PORT = 8000
 EXAMPLE_LISTEN_PORT = 10000
 EXAMPLE_ADMIN_PORT = 9901
+EXAMPLE_BRIDGE_PORT = 4000
 
 
 def find_envoy() -> Path:
@@ -58,9 +59,16 @@ def render_example(
     listen_port: int,
     admin_port: int,
     response_body_mode: str | None = None,
+    bridge_port: int | None = None,
 ) -> str:
-    """``examples/envoy/<name>`` with its ports replaced (and the listener on 127.0.0.1)."""
+    """``examples/envoy/<name>`` with its ports replaced (and the listener on 127.0.0.1).
+
+    ``bridge_port`` is for the HTTP ext_authz example, which also names the bridge.
+    """
     text = (EXAMPLES / name).read_text()
+    if bridge_port is not None:
+        text = _swap(text, f"port_value: {EXAMPLE_BRIDGE_PORT} }}", f"port_value: {bridge_port} }}")
+        text = _swap(text, f"{HOST}:{EXAMPLE_BRIDGE_PORT}\n", f"{HOST}:{bridge_port}\n")
     for old, new in (
         (EXAMPLE_BUDGETD_PORT, budgetd_port),
         (EXAMPLE_UPSTREAM_PORT, upstream_port),
