@@ -8,7 +8,7 @@ GEN := server/gen
 PROTOS := $(wildcard proto/budgetd/v1/*.proto)
 CONFIG ?= examples/config.yaml
 
-.PHONY: all install run test lint format typecheck proto proto-check clean
+.PHONY: all install run test lint format typecheck proto proto-check soak clean
 
 all: lint typecheck test
 
@@ -35,6 +35,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# A bounded mixed load with faults on a timer, ending in a one-line report (not part of CI;
+# its 60 s form is, in tests/test_soak.py). SOAK_SECONDS=120 make soak for a shorter run.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python tests/soak.py --duration $(SOAK_SECONDS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,11 +20,13 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from clients.admin_ui import AdminUI
 from clients.gateways import GatewayAuth
 from clients.grpc_client import ADMIN_TIMEOUT, DECISION_TIMEOUT, BudgetdClient
 from clients.http import error_body, error_middleware, json_response
 from clients.litellm_admin import LiteLLMAdmin
 from clients.spend import SpendEndpoint
+from clients.spend_reports import SpendReportEndpoints
 from server.app import split_address
 from server.config import Settings
 
@@ -59,7 +61,8 @@ class BridgeConfig:
 
 
 def build_app(client: BudgetdClient, config: BridgeConfig) -> web.Application:
-    """The aiohttp application: gateway auth, LiteLLM admin, /spend and health endpoints."""
+    """The aiohttp application: gateway auth, LiteLLM admin, /spend, spend reports, the admin
+    page (/ui/) and health endpoints."""
     # client_max_size bounds what aiohttp buffers; read_body turns the overflow into a 413.
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CLIENT_KEY] = client
@@ -67,6 +70,8 @@ def build_app(client: BudgetdClient, config: BridgeConfig) -> web.Application:
     app.add_routes(GatewayAuth(client, deny_status=config.deny_status, **limits).routes())
     app.add_routes(LiteLLMAdmin(client, **limits).routes())
     app.add_routes(SpendEndpoint(client, **limits).routes())
+    app.add_routes(SpendReportEndpoints(client).routes())
+    app.add_routes(AdminUI().routes())
     app.add_routes([web.get("/healthz", _liveness), web.get("/health/readiness", _readiness)])
     return app
 

@@ -178,6 +178,18 @@ class BudgetdClient:
         """RevokeKey with the caller's ``authorization``."""
         return await self._admin(self.stub.RevokeKey, request, authorization)
 
+    async def list_keys(
+        self, request: pb.ListKeysRequest, *, authorization: str | None
+    ) -> pb.ListKeysResponse:
+        """ListKeys with the caller's ``authorization``."""
+        return await self._admin(self.stub.ListKeys, request, authorization)
+
+    async def get_spend(
+        self, request: pb.GetSpendRequest, *, authorization: str | None
+    ) -> pb.GetSpendResponse:
+        """GetSpend (a spend report from the ledger) with the caller's ``authorization``."""
+        return await self._admin(self.stub.GetSpend, request, authorization)
+
     # -- health ----------------------------------------------------------------------------
 
     async def serving(self) -> bool:

@@ -76,9 +76,12 @@ def error_body(status: int, message: str, *, param: str | None = None) -> dict[s
 
 
 def json_response(
-    data: Mapping[str, Any], status: int = 200, headers: Mapping[str, str] | None = None
+    data: Mapping[str, Any] | list[Any],
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """A JSON answer; ``json.dumps`` defaults give the seed's spacing (``{"a": 1}``)."""
+    """A JSON answer (an object, or a list as LiteLLM's listings); ``json.dumps`` defaults
+    give the seed's spacing (``{"a": 1}``)."""
     return web.Response(
         text=json.dumps(data), status=status, headers=headers, content_type="application/json"
     )

@@ -12,6 +12,8 @@ ignored; a known field of the wrong type is a 400 that names it.
 | ``POST /key/generate`` | IssueKey | the key, with its plaintext ``key`` (shown once) |
 | ``GET /key/info?key=`` | GetKey | ``{"key", "info": key}`` |
 | ``POST /key/delete`` ``{"keys": [...]}`` | RevokeKey each | ``{"deleted_keys": [...]}`` |
+| ``GET /team/list`` | ListTeams (every page) | ``[team, ...]`` |
+| ``GET /key/list?team_id=`` | ListKeys (every page) | ``{"keys": [key info], "total_count"}`` |
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from clients.http import HttpError, json_response, read_json_object
 _KEY_DURATION: Final = re.compile(r"^(\d+)([smhd])$")
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INT64_MAX: Final = 2**63 - 1
+_LIST_PAGE: Final = 1000
+_LIST_MOST: Final = 10_000  # what one listing answers at most (the admin page shows them all)
 
 
 class LiteLLMAdmin:
@@ -50,6 +54,8 @@ class LiteLLMAdmin:
             web.post("/key/generate", self.key_generate),
             web.get("/key/info", self.key_info),
             web.post("/key/delete", self.key_delete),
+            web.get("/team/list", self.team_list),
+            web.get("/key/list", self.key_list),
         ]
 
     async def team_new(self, request: web.Request) -> web.Response:
@@ -139,6 +145,43 @@ class LiteLLMAdmin:
                 _key_lookup(pb.RevokeKeyRequest, key), authorization=authorization
             )
         return json_response({"deleted_keys": keys})
+
+    async def team_list(self, request: web.Request) -> web.Response:
+        """``GET /team/list``: every team (up to 10,000) with its current spend, by team_id."""
+        teams: list[dict[str, Any]] = []
+        token = ""
+        while len(teams) < _LIST_MOST:
+            page = await self._client.list_teams(
+                pb.ListTeamsRequest(page_size=_LIST_PAGE, page_token=token),
+                authorization=_auth(request),
+            )
+            teams.extend(team_json(team) for team in page.teams)
+            token = page.next_page_token
+            if not token:
+                break
+        return json_response(teams[:_LIST_MOST])
+
+    async def key_list(self, request: web.Request) -> web.Response:
+        """``GET /key/list[?team_id=][&include_revoked=true]``: keys (never their plaintext)."""
+        revoked = request.query.get("include_revoked", "").lower() in ("1", "true", "yes")
+        keys: list[dict[str, Any]] = []
+        token = ""
+        while len(keys) < _LIST_MOST:
+            page = await self._client.list_keys(
+                pb.ListKeysRequest(
+                    team_id=request.query.get("team_id", "").strip(),
+                    page_size=_LIST_PAGE,
+                    page_token=token,
+                    include_revoked=revoked,
+                ),
+                authorization=_auth(request),
+            )
+            keys.extend(key_json(key) for key in page.keys)
+            token = page.next_page_token
+            if not token:
+                break
+        keys = keys[:_LIST_MOST]
+        return json_response({"keys": keys, "total_count": len(keys)})
 
 
 # -- answers -----------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def spend_request(body: dict[str, Any]) -> pb.RecordSpendRequest:
         if isinstance(cost, bool) or not isinstance(cost, int | float) or not math.isfinite(cost):
             raise _bad("cost", "must be a number (USD)")
         spend.cost = float(cost)
+        # Model and tokens sent with a cost are recorded too: spend reports group by model.
+        _usage(body, spend, required=False)
     else:
         _usage(body, spend)
     metadata = body.get("metadata")
@@ -85,9 +87,15 @@ def spend_request(body: dict[str, Any]) -> pb.RecordSpendRequest:
     return spend
 
 
-def _usage(body: dict[str, Any], spend: pb.RecordSpendRequest) -> None:
+def _usage(body: dict[str, Any], spend: pb.RecordSpendRequest, *, required: bool = True) -> None:
     model, usage = body.get("model"), body.get("usage")
-    if not isinstance(model, str) or not model or not isinstance(usage, dict):
+    if not required:
+        if model is not None and not isinstance(model, str):
+            raise _bad("model", "must be a string")
+        if usage is not None and not isinstance(usage, dict):
+            raise _bad("usage", "must be a JSON object")
+        model, usage = model or "", usage or {}
+    elif not isinstance(model, str) or not model or not isinstance(usage, dict):
         raise HttpError(
             HTTPStatus.BAD_REQUEST,
             "give either cost (USD) or model with usage: "

@@ -115,9 +115,7 @@ class Admin:
 
     async def list_teams(self, page_size: int, page_token: str) -> tuple[list[TeamView], str]:
         """A page of teams ordered by id, and the token of the next page ("" at the end)."""
-        if page_size < 0:
-            raise InvalidArgument(f"page_size must not be negative, got {page_size}")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = _page_size(page_size)
         validation.text(page_token, "page_token", limit=validation.MAX_ID)
         teams = await self._records.list_teams(page_token, size + 1)
         next_token = teams[size - 1].team_id if len(teams) > size else ""
@@ -178,6 +176,31 @@ class Admin:
             raise NotFound(f"key {found.key_id!r} not found")
         return await self._key_view(revoked)
 
+    async def list_keys(
+        self, team_id: str, page_size: int, page_token: str, *, include_revoked: bool = False
+    ) -> tuple[list[KeyView], str]:
+        """A page of keys ordered by key_id (one team's, or all), and the next page's token."""
+        if team_id:
+            await self._team(team_id)  # an unknown team is NOT_FOUND, not an empty list
+        size = _page_size(page_size)
+        validation.text(page_token, "page_token", limit=validation.MAX_ID)
+        keys = await self._records.list_keys(
+            team_id, page_token, size + 1, include_revoked=include_revoked
+        )
+        next_token = keys[size - 1].key_id if len(keys) > size else ""
+        return await self._key_views(keys[:size]), next_token
+
+    async def _key_views(self, keys: list[KeyRecord]) -> list[KeyView]:
+        """Views of many keys, reading each team's counters once for all its keys."""
+        now = self._clock.now()
+        scopes = {key.key_id: key_scope(key, now, self._tz) for key in keys}
+        spend: dict[str, int] = {}
+        for team_id in dict.fromkeys(key.team_id for key in keys):
+            mine = [scopes[key.key_id] for key in keys if key.team_id == team_id]
+            states = await read_states(self._records, self._counters, team_id, mine, now)
+            spend.update((s.scope_id, state.spend) for s, state in zip(mine, states, strict=True))
+        return [KeyView(key, spend[key.key_id], _reset_at(scopes[key.key_id])) for key in keys]
+
     async def _team(self, team_id: str) -> TeamRecord:
         validation.identifier(team_id, "team_id")
         team = await self._records.get_team(team_id)
@@ -220,3 +243,9 @@ def _duration_text(value: str) -> str:
 
 def _reset_at(scope: ScopeBudget) -> float | None:
     return float(scope.window.end) if scope.window.end is not None else None
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument(f"page_size must not be negative, got {page_size}")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from server import request_log
 from server.admin import Admin, KeyView, NewKey, NewTeam, TeamChanges, TeamView
+from server.api_reports import list_keys_request, spend_request, spend_response
 from server.authority import Authority, CheckRequest, Decision, SpendRequest
-from server.errors import BudgetdError, Unauthenticated, grpc_code
+from server.errors import BudgetdError, Unauthenticated, Unavailable, grpc_code
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
 from server.identity import bearer_token, master_key_matches
 from server.metrics import Metrics
 from server.money import nanos_to_usd
+from server.reports import SpendReports
 from server.storage.base import ScopeKind
 
 T = TypeVar("T")
@@ -40,12 +44,18 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
     """Servicer: converts messages and maps domain errors through the one error table."""
 
     def __init__(
-        self, authority: Authority, admin: Admin, master_key: str | None, metrics: Metrics
+        self,
+        authority: Authority,
+        admin: Admin,
+        master_key: str | None,
+        metrics: Metrics,
+        reports: SpendReports,
     ) -> None:
         self._authority = authority
         self._admin = admin
         self._master_key = master_key
         self._metrics = metrics
+        self._reports = reports
 
     async def CheckBudget(
         self, request: pb.CheckBudgetRequest, context: Context
@@ -59,9 +69,10 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             max_tokens=_opt(request, "max_tokens"),
             prompt_tokens=_opt(request, "prompt_tokens"),
         )
-        with self._metrics.latency.labels("CheckBudget").time():
-            decision = await _guard(context, self._authority.check(req))
+        call = self._authority.check(req)
+        decision, seconds = await self._decide(context, "CheckBudget", req.request_id, call)
         self._metrics.decision(decision)
+        request_log.decision("CheckBudget", req.request_id, decision, seconds)
         return decision_to_pb(decision)
 
     async def RecordSpend(
@@ -77,9 +88,10 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             completion_tokens=request.completion_tokens,
             metadata=json_format.MessageToDict(request.metadata),
         )
-        with self._metrics.latency.labels("RecordSpend").time():
-            result = await _guard(context, self._authority.record(req))
-        self._metrics.spends.labels("duplicate" if result.duplicate else "recorded").inc()
+        call = self._authority.record(req)
+        result, seconds = await self._decide(context, "RecordSpend", req.request_id, call)
+        self._metrics.spend(result)
+        request_log.spend("RecordSpend", req.request_id, result, seconds)
         return pb.RecordSpendResponse(
             team_spend=nanos_to_usd(result.team_spend_nanos),
             key_spend=nanos_to_usd(result.key_spend_nanos),
@@ -99,17 +111,17 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             models=list(request.models),
             metadata=json_format.MessageToDict(request.metadata),
         )
-        return team_to_pb(await _guard(context, self._admin.create_team(req)))
+        return team_to_pb(await self._guard(context, self._admin.create_team(req)))
 
     async def GetTeam(self, request: pb.GetTeamRequest, context: Context) -> pb.Team:
         await self._authorize(context)
-        return team_to_pb(await _guard(context, self._admin.get_team(request.team_id)))
+        return team_to_pb(await self._guard(context, self._admin.get_team(request.team_id)))
 
     async def ListTeams(
         self, request: pb.ListTeamsRequest, context: Context
     ) -> pb.ListTeamsResponse:
         await self._authorize(context)
-        teams, token = await _guard(
+        teams, token = await self._guard(
             context, self._admin.list_teams(request.page_size, request.page_token)
         )
         return pb.ListTeamsResponse(teams=[team_to_pb(t) for t in teams], next_page_token=token)
@@ -129,7 +141,7 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             if request.HasField("metadata")
             else None,
         )
-        return team_to_pb(await _guard(context, self._admin.update_team(req)))
+        return team_to_pb(await self._guard(context, self._admin.update_team(req)))
 
     async def IssueKey(self, request: pb.IssueKeyRequest, context: Context) -> pb.IssueKeyResponse:
         await self._authorize(context)
@@ -142,7 +154,7 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             models=list(request.models),
             user_id=request.user_id,
         )
-        issued = await _guard(context, self._admin.issue_key(req))
+        issued = await self._guard(context, self._admin.issue_key(req))
         key = issued.view.key
         return pb.IssueKeyResponse(
             key=issued.plaintext,
@@ -159,13 +171,56 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Context) -> pb.Key:
         await self._authorize(context)
-        view = await _guard(context, self._admin.get_key(request.key_id, request.key))
+        view = await self._guard(context, self._admin.get_key(request.key_id, request.key))
         return key_to_pb(view)
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.Key:
         await self._authorize(context)
-        view = await _guard(context, self._admin.revoke_key(request.key_id, request.key))
+        view = await self._guard(context, self._admin.revoke_key(request.key_id, request.key))
         return key_to_pb(view)
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
+        await self._authorize(context)
+        team_id, size, token, revoked = list_keys_request(request)
+        keys, next_token = await self._guard(
+            context, self._admin.list_keys(team_id, size, token, include_revoked=revoked)
+        )
+        return pb.ListKeysResponse(keys=[key_to_pb(k) for k in keys], next_page_token=next_token)
+
+    async def GetSpend(self, request: pb.GetSpendRequest, context: Context) -> pb.GetSpendResponse:
+        await self._authorize(context)
+        with self._metrics.latency.labels("GetSpend").time():
+            report = await self._guard(context, self._reports.spend(spend_request(request)))
+        return spend_response(report)
+
+    async def _decide(
+        self, context: Context, rpc: str, request_id: str, call: Awaitable[T]
+    ) -> tuple[T, float]:
+        """Await a decision-path call, timed into the latency histogram; a failure is
+        counted, logged and answered with its status from the error table."""
+        started = time.perf_counter()
+        try:
+            answer = await call
+        except BudgetdError as exc:
+            seconds = time.perf_counter() - started
+            self._metrics.latency.labels(rpc).observe(seconds)
+            self._metrics.failure(exc)
+            request_log.failure(rpc, request_id, exc, seconds)
+            await _abort(context, exc)
+        seconds = time.perf_counter() - started
+        self._metrics.latency.labels(rpc).observe(seconds)
+        return answer, seconds
+
+    async def _guard(self, context: Context, call: Awaitable[T]) -> T:
+        """Await an admin call; a domain error becomes its gRPC status from the error table
+        (a backend outage is also counted in budgetd_backend_errors_total)."""
+        try:
+            return await call
+        except BudgetdError as exc:
+            self._metrics.failure(exc)
+            if isinstance(exc, Unavailable):
+                log.warning("admin call failed: %s", exc)
+            await _abort(context, exc)
 
     async def _authorize(self, context: Context) -> None:
         """Admin RPCs need the master key; with none configured they are all refused."""
@@ -175,14 +230,6 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
         token = bearer_token(_as_str(metadata.get("authorization")))
         if not master_key_matches(token, self._master_key):
             await _abort(context, Unauthenticated(BAD_MASTER_KEY))
-
-
-async def _guard(context: Context, call: Awaitable[T]) -> T:
-    """Await a domain call; a domain error becomes its gRPC status from the error table."""
-    try:
-        return await call
-    except BudgetdError as exc:
-        await _abort(context, exc)
 
 
 async def _abort(context: Context, error: BudgetdError) -> NoReturn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import tzinfo
@@ -15,17 +17,24 @@ from grpc_reflection.v1alpha import reflection
 from server.admin import Admin
 from server.api import BudgetAuthorityService
 from server.authority import Authority
+from server.budget_metrics import BudgetCollector
 from server.clock import Clock, SystemClock
 from server.config import Settings
 from server.envoy import SERVICE_NAMES as ENVOY_SERVICES
 from server.envoy import add_envoy_services
 from server.envoy.ext_proc import EnvoySpend
+from server.errors import Unavailable
 from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
 from server.metrics import Metrics, MetricsServer
+from server.reports import SpendReports
+from server.spool import Spool
 from server.storage.base import CounterStore, RecordStore
+from server.storage.cached_records import CachedRecords
+from server.storage.failover_counters import FailoverCounters
 from server.storage.memory_counters import MemoryCounters
 from server.storage.postgres import PostgresRecords
+from server.storage.postgres_counters import PostgresCounters
 from server.storage.redis_counters import RedisCounters
 from server.storage.sqlite import SqliteRecords
 
@@ -33,6 +42,8 @@ log = logging.getLogger("budgetd")
 
 SERVICE_NAME = "budgetd.v1.BudgetAuthority"
 SQLITE_FILE = "budgetd.sqlite3"
+SPOOL_REPLAY_INTERVAL = 1.0
+"""Seconds between attempts to replay a non-empty spool into the ledger."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,19 +51,38 @@ class Stores:
     records: RecordStore
     counters: CounterStore
     description: str
+    # Where RecordSpend keeps acknowledged spend while Postgres is down (postgres_down: spool).
+    spool: Spool | None = None
 
 
 def make_stores(settings: Settings) -> Stores:
-    """The record and counter stores the settings ask for (embedded when none are given)."""
+    """The record and counter stores the settings ask for (embedded when none are given).
+
+    With Postgres, keys and teams are read through a cache (``record_cache_ttl``) that
+    keeps answering from what it has while Postgres is down when ``postgres_down`` is
+    ``spool``, and a spool keeps acknowledged spend on disk meanwhile. With Postgres and
+    Redis and ``redis_down: postgres``, counters fall back to the exact Postgres path while
+    Redis is down.
+    """
+    spool = None
     if settings.database_url:
-        records: RecordStore = PostgresRecords(settings.database_url)
-        where = "postgres"
+        riding_out = settings.postgres_down == "spool"
+        records: RecordStore = CachedRecords(
+            PostgresRecords(settings.database_url),
+            ttl=settings.record_cache_ttl,
+            serve_stale=riding_out,
+        )
+        spool = Spool(settings.spool_path) if riding_out else None
+        where = f"postgres (postgres_down: {settings.postgres_down})"
     else:
         records = SqliteRecords(settings.data_dir / SQLITE_FILE)
         where = f"sqlite at {settings.data_dir / SQLITE_FILE}"
     if settings.redis_url:
-        counters: CounterStore = RedisCounters(settings.redis_url, cluster=settings.redis_cluster)
-        where += " + redis counters"
+        redis = RedisCounters(settings.redis_url, cluster=settings.redis_cluster)
+        counters: CounterStore = redis
+        if settings.database_url and settings.redis_down == "postgres":
+            counters = FailoverCounters(redis, PostgresCounters(settings.database_url))
+        where += f" + redis counters (redis_down: {settings.redis_down})"
     else:
         counters = MemoryCounters()
         where += " + in-process counters (single instance)"
@@ -61,7 +91,7 @@ def make_stores(settings: Settings) -> Stores:
                 "DATABASE_URL is set but REDIS_URL is not: counters are in-process, so only "
                 "one budgetd replica may run against this database"
             )
-    return Stores(records, counters, where)
+    return Stores(records, counters, where, spool)
 
 
 class BudgetdServer:
@@ -81,6 +111,7 @@ class BudgetdServer:
         self._metrics_server: MetricsServer | None = None
         self.authority: Authority | None = None
         self.admin: Admin | None = None
+        self._replayer: asyncio.Task[None] | None = None
         self._envoy_spend: EnvoySpend | None = None
 
     @property
@@ -99,6 +130,7 @@ class BudgetdServer:
         await self._stores.counters.start()
         codec = ReservationCodec(await self._stores.records.instance_secret())
         tz: tzinfo = settings.tzinfo
+        spool = self._stores.spool
         self.authority = Authority(
             self._stores.records,
             self._stores.counters,
@@ -108,11 +140,27 @@ class BudgetdServer:
             reservation_ttl=settings.reservation_ttl,
             tz=tz,
             prices=settings.prices,
+            spool=spool,
+        )
+        if spool is not None:
+            # What a crashed run acknowledged goes into the ledger before anything is served.
+            if await spool.open():
+                await self._replay_spool()
+            self._replayer = asyncio.create_task(self._replay_loop())
+        counters = self._stores.counters
+        if isinstance(counters, FailoverCounters):
+            counters.on_failover = self.metrics.counter_failovers.inc
+        self.metrics.watch_failures(
+            spool_depth=(lambda: spool.depth) if spool is not None else None,
+            on_postgres=(lambda: counters.failed_over)
+            if isinstance(counters, FailoverCounters)
+            else None,
         )
         self.admin = Admin(self._stores.records, self._stores.counters, self._clock, tz=tz)
         server = grpc.aio.server(options=_SERVER_OPTIONS)
+        reports = SpendReports(self._stores.records, self._clock, settings.timezone)
         service = BudgetAuthorityService(
-            self.authority, self.admin, settings.master_key, self.metrics
+            self.authority, self.admin, settings.master_key, self.metrics, reports
         )
         budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server(service, server)
         self._envoy_spend = add_envoy_services(server, self.authority, settings, self.metrics)
@@ -131,6 +179,9 @@ class BudgetdServer:
         await server.start()
         self._server = server
         if settings.metrics_enabled:
+            # Budgets, holds and drift are read from shared state when Prometheus scrapes.
+            budgets = BudgetCollector(self._stores.records, self._stores.counters, self._clock, tz)
+            budgets.attach(self.metrics)
             host, port = split_address(settings.metrics_addr)
             self._metrics_server = MetricsServer(self.metrics, host, port)
             await self._metrics_server.start()
@@ -160,8 +211,60 @@ class BudgetdServer:
         if self._envoy_spend is not None:
             # Spend that Envoy reported just before the stop is recorded before storage closes.
             await self._envoy_spend.drain()
+        await self._stop_spool(grace)
         await self._stores.counters.close()
         await self._stores.records.close()
+
+    async def _replay_spool(self) -> None:
+        """One replay of the spool into the ledger; an outage just leaves it for later."""
+        spool = self._stores.spool
+        if spool is None or self.authority is None:
+            return
+        try:
+            replayed, conflicts = await spool.replay(
+                self._stores.records, self.authority.settler.settle_row
+            )
+        except Unavailable as exc:
+            log.debug("spool replay postponed: %s", exc)
+            return
+        if replayed or conflicts:
+            log.warning(
+                "replayed %d spooled spends into the ledger (%d conflicts, see %s)",
+                replayed, conflicts, spool.directory,
+            )  # fmt: skip
+
+    async def _replay_loop(self) -> None:
+        """Replay the spool every SPOOL_REPLAY_INTERVAL seconds while it is not empty."""
+        spool = self._stores.spool
+        assert spool is not None
+        while True:
+            await asyncio.sleep(SPOOL_REPLAY_INTERVAL)
+            if spool.depth:
+                try:
+                    await self._replay_spool()
+                except Exception:  # a bug must not end the replays: log it, try again
+                    log.exception("spool replay failed")
+
+    async def _stop_spool(self, grace: float) -> None:
+        """Stop the replay task, finish writes, and make one last bounded replay attempt."""
+        spool = self._stores.spool
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+            self._replayer = None
+        if spool is None:
+            return
+        await spool.close()
+        if spool.depth:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._replay_spool(), grace)
+        if spool.depth:
+            log.warning(
+                "stopping with %d spends spooled in %s: they are replayed into the ledger at "
+                "the next start with this spool_dir",
+                spool.depth, spool.directory,
+            )  # fmt: skip
 
 
 def split_address(address: str) -> tuple[str, int]:

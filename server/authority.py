@@ -15,18 +15,27 @@ from typing import Any
 
 from server import validation
 from server.clock import Clock
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RecordsUnavailable,
+    Unavailable,
+)
 from server.identity import ReservationCodec, hash_api_key
-from server.ledger_sync import read_states, rebuild
+from server.ledger_sync import read_states, rebuild, start_from_zero
 from server.money import budget_exceeded_message, nanos_to_usd
 from server.pricing import Price, price_nanos
 from server.rules import Enforcement
 from server.scopes import request_scopes, tightest
+from server.settling import DEDUPE_TTL, MAX_SETTLE_GRACE, Settler
+from server.spool import Spool
 from server.storage.base import (
     CounterState,
     CounterStore,
     KeyRecord,
     LedgerEntry,
+    LedgerInsert,
     RecordStore,
     ReserveResult,
     ReserveStatus,
@@ -35,10 +44,9 @@ from server.storage.base import (
     TeamRecord,
 )
 
-# A retried RecordSpend within this many seconds re-applies to the counters only if the
+# A retried RecordSpend within DEDUPE_TTL seconds re-applies to the counters only if the
 # first attempt did not (the counter store remembers request ids this long). Later retries
 # are answered from the ledger alone.
-DEDUPE_TTL = 86_400.0
 _REBUILD_ATTEMPTS = 3
 
 
@@ -111,10 +119,21 @@ class SpendResult:
     team_spend_nanos: int
     key_spend_nanos: int
     duplicate: bool
+    # Whose spend it was (for metrics and logs).
+    team_id: str = ""
+    key_id: str = ""
+    key_alias: str = ""
 
 
 class Authority:
-    """Decides CheckBudget and records RecordSpend against one record and counter store."""
+    """Decides CheckBudget and records RecordSpend against one record and counter store.
+
+    With a ``spool`` (``budgetd.postgres_down: spool``) decisions carry on while the record
+    store is down: keys and teams come from the record cache, counters the ledger cannot
+    rebuild start from 0 (see :func:`server.ledger_sync.start_from_zero`), and RecordSpend
+    spools its ledger row to local disk, fsynced, before it answers. Without one, anything
+    that needs the record store is UNAVAILABLE while it is down.
+    """
 
     def __init__(
         self,
@@ -127,6 +146,7 @@ class Authority:
         reservation_ttl: float,
         tz: tzinfo,
         prices: Mapping[str, Price],
+        spool: Spool | None = None,
     ) -> None:
         self._records = records
         self._counters = counters
@@ -136,6 +156,8 @@ class Authority:
         self._ttl = reservation_ttl
         self._tz = tz
         self._prices = prices
+        self._spool = spool
+        self.settler = Settler(records, counters, clock, tz)
 
     async def check(self, req: CheckRequest) -> Decision:
         """CheckBudget: check every scope of the key and hold the estimate, all or nothing."""
@@ -168,9 +190,6 @@ class Authority:
         metadata = validation.metadata(req.metadata)
         key, team, admitted_at = await self._spend_target(req, now)
         scopes = request_scopes(key, team, admitted_at, self._tz)
-        # Counters must exist before the ledger row does: a counter rebuilt from the ledger
-        # after the row is written would count this spend, and settling would count it again.
-        await self._ensure(team.team_id, scopes, now)
         entry = LedgerEntry(
             request_id=req.request_id,
             team_id=team.team_id,
@@ -184,14 +203,27 @@ class Authority:
             completion_tokens=req.completion_tokens,
             metadata=metadata,
         )
-        stored = await self._records.insert_spend(entry)
+        try:
+            # Counters exist before the ledger row does (a store without ledger snapshots
+            # could not tell a rebuild that summed this row from one that did not).
+            await self._ensure(team.team_id, scopes, req.request_id, now)
+            stored = await self._records.insert_spend(entry)
+        except RecordsUnavailable:
+            if self._spool is None:
+                raise
+            return await self._record_spooled(entry, key, team, scopes, now)
         if not stored.inserted:
-            return await self._duplicate(stored.entry, entry, key, team, now)
+            return await self._duplicate(stored, entry, key, team, now)
         settled = await self._counters.settle(
-            team.team_id, req.reservation_id, scopes, cost, req.request_id, now, DEDUPE_TTL
-        )
+            team.team_id, req.reservation_id, scopes, cost, req.request_id, now, DEDUPE_TTL,
+            xact=stored.xact,
+        )  # fmt: skip
+        if settled.unsettled:
+            await self.settler.recover(team.team_id, settled.unsettled)
         states = await self._fill(team.team_id, scopes, settled.states, now)
-        return SpendResult(cost, states[1].spend, states[0].spend, duplicate=False)
+        return SpendResult(
+            cost, states[1].spend, states[0].spend, False, team.team_id, key.key_id, key.key_alias
+        )
 
     async def release(self, reservation_id: str) -> bool:
         """Drop a hold without spending (the request never reached the upstream)."""
@@ -247,11 +279,17 @@ class Authority:
             result = await self._counters.reserve(
                 team_id, scopes, amount, reservation_id, now + self._ttl, now, self._enforcement
             )
+            if result.unsettled:
+                await self.settler.recover(team_id, result.unsettled)
             if result.status is not ReserveStatus.MISSING:
                 return result
-            await rebuild(
-                self._records, self._counters, team_id, [scopes[i] for i in result.missing], now
-            )
+            missing = [scopes[i] for i in result.missing]
+            try:
+                await rebuild(self._records, self._counters, team_id, missing, now)
+            except RecordsUnavailable:
+                if self._spool is None:
+                    raise
+                await start_from_zero(self._counters, team_id, missing, now)
         raise Unavailable("counters keep disappearing; is the counter store being flushed?")
 
     def _denial(
@@ -310,8 +348,12 @@ class Authority:
             raise NotFound("the key or team of this spend no longer exists")
         return key, team, admitted_at
 
-    async def _ensure(self, team_id: str, scopes: list[ScopeBudget], now: float) -> None:
-        states = await self._counters.read(team_id, scopes, now)
+    async def _ensure(
+        self, team_id: str, scopes: list[ScopeBudget], request_id: str, now: float
+    ) -> None:
+        """Counters present before the ledger insert, and the settle to come announced."""
+        grace = min(self._ttl, MAX_SETTLE_GRACE)
+        states = await self._counters.begin_settle(team_id, scopes, request_id, now, grace)
         missing = [s for s, state in zip(scopes, states, strict=True) if state is None]
         if missing:
             await rebuild(self._records, self._counters, team_id, missing, now)
@@ -331,28 +373,61 @@ class Authority:
         read = await self._counters.read(team_id, scopes, now)
         return tuple(s if s is not None else CounterState(0, 0) for s in read)
 
+    async def _record_spooled(
+        self,
+        entry: LedgerEntry,
+        key: KeyRecord,
+        team: TeamRecord,
+        scopes: list[ScopeBudget],
+        now: float,
+    ) -> SpendResult:
+        """RecordSpend while the record store is down: spool the row, then settle counters.
+
+        The spool is fsynced before the counters change and before the answer, so an OK
+        survives a crash of this process; the row reaches the ledger at replay. A retry of
+        the same request_id is answered duplicate by the counters' dedupe marker. A retry
+        with another cost cannot be told apart until replay: the ledger keeps the first
+        one replayed, and the other goes to the spool's conflicts file.
+        """
+        assert self._spool is not None
+        await self._spool.append(entry)
+        read = await self._counters.read(team.team_id, scopes, now)
+        missing = [s for s, state in zip(scopes, read, strict=True) if state is None]
+        if missing:
+            await start_from_zero(self._counters, team.team_id, missing, now)
+        settled = await self._counters.settle(
+            team.team_id, entry.reservation_id, scopes, entry.cost_nanos, entry.request_id,
+            now, DEDUPE_TTL,
+        )  # fmt: skip
+        if settled.unsettled:
+            await self.settler.recover(team.team_id, settled.unsettled)
+        key_spend, team_spend = (s.spend if s is not None else 0 for s in settled.states)
+        return SpendResult(
+            entry.cost_nanos, team_spend, key_spend, not settled.applied,
+            team.team_id, key.key_id, key.key_alias,
+        )  # fmt: skip
+
     async def _duplicate(
         self,
-        stored: LedgerEntry,
+        found: LedgerInsert,
         attempt: LedgerEntry,
         key: KeyRecord,
         team: TeamRecord,
         now: float,
     ) -> SpendResult:
         """A retry of a recorded request: same cost and key → its recorded answer."""
-        if stored.key_id != attempt.key_id or stored.team_id != attempt.team_id:
-            raise FailedPrecondition(
-                f"request_id {stored.request_id!r} was already recorded for another key"
-            )
-        if stored.cost_nanos != attempt.cost_nanos:
-            raise FailedPrecondition(
-                f"request_id {stored.request_id!r} was already recorded with cost"
-                f" {nanos_to_usd(stored.cost_nanos)!r}; this retry says"
-                f" {nanos_to_usd(attempt.cost_nanos)!r}"
-            )
+        stored = found.entry
+        conflict = _conflict(stored, attempt)
+        recent = now - stored.recorded_at < DEDUPE_TTL
+        if conflict or not recent:
+            # This attempt settles nothing: withdraw its announcement, or crash recovery
+            # would settle the stored row again once the dedupe marker is gone.
+            await self._counters.abandon_settle(attempt.team_id, attempt.request_id, now)
+        if conflict:
+            raise FailedPrecondition(conflict)
         # The answer is about the windows the request was admitted in, whenever it is retried.
         scopes = request_scopes(key, team, stored.admitted_at, self._tz)
-        if now - stored.recorded_at < DEDUPE_TTL:
+        if recent:
             # The first attempt may have written the ledger and failed before the counters:
             # settling again is a no-op if it did get there (request ids are remembered).
             settled = await self._counters.settle(
@@ -363,11 +438,30 @@ class Authority:
                 stored.request_id,
                 now,
                 DEDUPE_TTL,
+                xact=found.xact,  # a counter rebuilt since, whose sum has the row, is left alone
             )
+            if settled.unsettled:
+                await self.settler.recover(stored.team_id, settled.unsettled)
             states = await self._fill(stored.team_id, scopes, settled.states, now)
         else:
             states = await read_states(self._records, self._counters, stored.team_id, scopes, now)
-        return SpendResult(stored.cost_nanos, states[1].spend, states[0].spend, duplicate=True)
+        return SpendResult(
+            stored.cost_nanos, states[1].spend, states[0].spend, True,
+            team.team_id, key.key_id, key.key_alias,
+        )  # fmt: skip
+
+
+def _conflict(stored: LedgerEntry, attempt: LedgerEntry) -> str | None:
+    """Why a retry of a recorded request_id is not the same request, or None."""
+    if stored.key_id != attempt.key_id or stored.team_id != attempt.team_id:
+        return f"request_id {stored.request_id!r} was already recorded for another key"
+    if stored.cost_nanos != attempt.cost_nanos:
+        return (
+            f"request_id {stored.request_id!r} was already recorded with cost"
+            f" {nanos_to_usd(stored.cost_nanos)!r}; this retry says"
+            f" {nanos_to_usd(attempt.cost_nanos)!r}"
+        )
+    return None
 
 
 def _refusal(

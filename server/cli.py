@@ -14,6 +14,7 @@ from clients.bridge import Bridge, BridgeConfig
 from server.app import SQLITE_FILE, BudgetdServer, split_address
 from server.config import Settings, load_settings
 from server.errors import BudgetdError, ConfigError
+from server.logging_setup import configure as configure_logging
 from server.storage.postgres import migrate as migrate_postgres
 from server.storage.sqlite import SqliteRecords
 
@@ -113,28 +114,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"budgetd: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs = configure_logging(settings.log_level)
     try:
         return int(asyncio.run(args.run(settings)))
     except BudgetdError as exc:
+        log.error("budgetd stopped: %s", exc, extra={"event": "failed"})
+        logs.close()
         print(f"budgetd: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
+        log.error("budgetd stopped: %s", exc, extra={"event": "failed"})
+        logs.close()
         print(f"budgetd: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.close()
 
 
 async def _serve(settings: Settings) -> int:
     stop = _stop_on_signals()
     server = BudgetdServer(settings)
     await server.start()
-    _warn_without_master_key(settings)
+    _started(settings, server)
     await stop.wait()
-    log.info("shutting down: draining in-flight requests")
+    _stopping()
     await server.stop(grace=5.0)
+    log.info("budgetd stopped", extra={"event": "stopped"})
     return 0
 
 
@@ -142,14 +147,19 @@ async def _bridge(settings: Settings) -> int:
     stop = _stop_on_signals()
     bridge = Bridge(BridgeConfig.from_settings(settings))
     await bridge.start()
+    log.info(
+        "bridge started",
+        extra={"event": "started", "bridge_url": bridge.url, "target": bridge.config.target},
+    )
     if not await bridge.client.serving():
         log.warning(
             "budgetd at %s is not serving yet: requests get 503 until it is",
             bridge.config.target,
         )
     await stop.wait()
-    log.info("shutting down: draining in-flight requests")
+    _stopping()
     await bridge.stop()
+    log.info("bridge stopped", extra={"event": "stopped"})
     return 0
 
 
@@ -157,18 +167,19 @@ async def _up(settings: Settings) -> int:
     stop = _stop_on_signals()
     server = BudgetdServer(settings)
     port = await server.start()
-    _warn_without_master_key(settings)
     bridge = Bridge(BridgeConfig.from_settings(settings, target=_local_target(settings, port)))
     try:
         await bridge.start()
     except OSError:
         await server.stop(grace=1.0)
         raise
+    _started(settings, server, bridge)
     await stop.wait()
-    log.info("shutting down: draining in-flight requests")
+    _stopping()
     # The bridge first: its in-flight requests still need the server to answer them.
     await bridge.stop()
     await server.stop(grace=5.0)
+    log.info("budgetd stopped", extra={"event": "stopped"})
     return 0
 
 
@@ -181,9 +192,29 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _warn_without_master_key(settings: Settings) -> None:
+def _started(settings: Settings, server: BudgetdServer, bridge: Bridge | None = None) -> None:
+    """The lifecycle line of a started server, and warnings about what is off."""
+    fields: dict[str, object] = {
+        "event": "started",
+        "grpc_port": server.port,
+        "metrics_port": server.metrics_port,
+        "storage": server.stores.description,
+    }
+    if bridge is not None:
+        fields["bridge_url"] = bridge.url
+        fields["admin_ui"] = f"{bridge.url}/ui/"
+    log.info("budgetd started", extra=fields)
     if settings.master_key is None:
         log.warning("no master key configured: admin RPCs are refused (set BUDGETD_MASTER_KEY)")
+    if not settings.metrics_enabled and "prometheus" in settings.success_callback:
+        log.warning(
+            "litellm_settings.success_callback lists prometheus but budgetd.metrics is false:"
+            " /metrics is off"
+        )
+
+
+def _stopping() -> None:
+    log.info("shutting down: draining in-flight requests", extra={"event": "stopping"})
 
 
 def _local_target(settings: Settings, port: int) -> str:

@@ -15,9 +15,9 @@ Environment variables (``load_settings`` reads only the mapping it is given):
   ``JWT_ISSUER``;
 * ``BUDGETD_<NAME>`` for the other ``budgetd:`` keys: ``BUDGETD_GRPC_ADDR``,
   ``BUDGETD_METRICS_ADDR``, ``BUDGETD_BRIDGE_LISTEN``, ``BUDGETD_BRIDGE_TARGET``,
-  ``BUDGETD_REDIS_CLUSTER``, ``BUDGETD_ENFORCEMENT``, ``BUDGETD_FAILURE_POLICY``,
-  ``BUDGETD_RESERVATION_TTL``, ``BUDGETD_TIMEZONE``, ``BUDGETD_LOG_LEVEL``,
-  ``BUDGETD_METRICS``.
+  ``BUDGETD_REDIS_CLUSTER``, ``BUDGETD_ENFORCEMENT``, ``BUDGETD_RESERVATION_TTL``,
+  ``BUDGETD_TIMEZONE``, ``BUDGETD_LOG_LEVEL``, ``BUDGETD_METRICS``, ``BUDGETD_REDIS_DOWN``,
+  ``BUDGETD_POSTGRES_DOWN``, ``BUDGETD_SPOOL_DIR``, ``BUDGETD_RECORD_CACHE_TTL``.
 
 An empty variable counts as unset. As in LiteLLM, the file's ``environment_variables:``
 section provides variables too, below the real environment; they are what ``os.environ/NAME``
@@ -51,13 +51,16 @@ from server.config_model import (
     parse_address,
     parse_body_bytes,
     parse_bool,
+    parse_cache_ttl,
     parse_deny_status,
     parse_enforcement,
     parse_http_urls,
     parse_incomplete_response,
     parse_log_level,
     parse_path,
+    parse_postgres_down,
     parse_postgres_url,
+    parse_redis_down,
     parse_redis_url,
     parse_seconds,
     parse_secret,
@@ -186,6 +189,15 @@ class Settings:
     incomplete_response: str = "release"
     # The largest request/response body budgetd reads for model, max_tokens and usage.
     max_body_bytes: int = 1024 * 1024
+    # Failure policy (DESIGN §8). Redis down: decide on the exact Postgres path ("postgres")
+    # or answer UNAVAILABLE ("deny"). Postgres down: keep deciding from cached keys and
+    # Redis and spool acknowledged spend to disk ("spool"), or answer UNAVAILABLE ("deny").
+    redis_down: str = "postgres"
+    postgres_down: str = "spool"
+    spool_dir: Path | None = None  # None: <data_dir>/spool
+    # Seconds a key or team read from Postgres is reused: how long a change made through
+    # another replica (a revoked key, a new budget) takes to apply here.
+    record_cache_ttl: float = 5.0
     prices: Mapping[str, ModelPrice] = field(default_factory=_no_prices)
     default_team_settings: tuple[DefaultTeamSettings, ...] = ()
     jwt: JwtSettings = field(default_factory=JwtSettings)
@@ -194,6 +206,11 @@ class Settings:
     metrics_enabled: bool = True
     multi_instance_rate_limiting: bool = False
     config_path: Path | None = None
+
+    @property
+    def spool_path(self) -> Path:
+        """Where RecordSpend spools acknowledged spend while Postgres is down."""
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
 
     @property
     def tzinfo(self) -> dt.tzinfo:
@@ -248,6 +265,10 @@ _SCALARS: Final[Mapping[str, _Scalar[Any]]] = {
         "incomplete_response", parse_incomplete_response, _DEFAULT.incomplete_response
     ),
     "max_body_bytes": _budgetd("max_body_bytes", parse_body_bytes, _DEFAULT.max_body_bytes),
+    "redis_down": _budgetd("redis_down", parse_redis_down, _DEFAULT.redis_down),
+    "postgres_down": _budgetd("postgres_down", parse_postgres_down, _DEFAULT.postgres_down),
+    "spool_dir": _budgetd("spool_dir", parse_path, _DEFAULT.spool_dir),
+    "record_cache_ttl": _budgetd("record_cache_ttl", parse_cache_ttl, _DEFAULT.record_cache_ttl),
     "metrics_enabled": _Scalar(parse_bool, True, ("BUDGETD_METRICS",), (("budgetd", "metrics"),)),
     "multi_instance_rate_limiting": _Scalar(
         parse_bool, False, ("EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING",)
@@ -412,6 +433,10 @@ class _Resolver:
             deny_status=scalars["deny_status"],
             incomplete_response=scalars["incomplete_response"],
             max_body_bytes=scalars["max_body_bytes"],
+            redis_down=scalars["redis_down"],
+            postgres_down=scalars["postgres_down"],
+            spool_dir=scalars["spool_dir"],
+            record_cache_ttl=scalars["record_cache_ttl"],
             prices=self.prices(),
             default_team_settings=self.default_teams(),
             jwt=self.jwt(),

@@ -286,6 +286,37 @@ def parse_incomplete_response(value: object) -> str:
     return _choice(value, INCOMPLETE_RESPONSE_CHOICES)
 
 
+REDIS_DOWN_CHOICES = ("postgres", "deny")
+POSTGRES_DOWN_CHOICES = ("spool", "deny")
+MAX_RECORD_CACHE_TTL: Final = 3600.0
+
+
+def parse_redis_down(value: object) -> str:
+    """What decisions do while Redis is down: the exact ``postgres`` path, or ``deny``."""
+    return _choice(value, REDIS_DOWN_CHOICES)
+
+
+def parse_postgres_down(value: object) -> str:
+    """What RecordSpend does while Postgres is down: ``spool`` to local disk, or ``deny``."""
+    return _choice(value, POSTGRES_DOWN_CHOICES)
+
+
+def parse_cache_ttl(value: object) -> float:
+    """Seconds a cached key or team is used without asking Postgres: 0 to 3600."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be a number of seconds or a duration (got {describe(value)})")
+    if isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            seconds = _duration_seconds(value)
+    else:
+        seconds = float(value)
+    if not 0 <= seconds <= MAX_RECORD_CACHE_TTL:  # also refuses NaN
+        raise ValueError(f"must be from 0 to 3600 seconds (got {describe(value)})")
+    return seconds
+
+
 def parse_body_bytes(value: object) -> int:
     """A body size limit in bytes: 1 KiB to 64 MiB."""
     number = _whole_number(value)
@@ -341,6 +372,9 @@ LogLevel = Annotated[str, _checked(parse_log_level)]
 DenyStatus = Annotated[int, _checked(parse_deny_status)]
 IncompleteResponse = Annotated[str, _checked(parse_incomplete_response)]
 BodyBytes = Annotated[int, _checked(parse_body_bytes)]
+RedisDown = Annotated[str, _checked(parse_redis_down)]
+PostgresDown = Annotated[str, _checked(parse_postgres_down)]
+CacheTtl = Annotated[float, _checked(parse_cache_ttl)]
 TimeZoneName = Annotated[str, _checked(parse_timezone)]
 DataDir = Annotated[Path, _checked(parse_path)]
 
@@ -652,6 +686,10 @@ class BudgetdSection(Section):
     deny_status: DenyStatus | None = None
     incomplete_response: IncompleteResponse | None = None
     max_body_bytes: BodyBytes | None = None
+    redis_down: RedisDown | None = None
+    postgres_down: PostgresDown | None = None
+    spool_dir: DataDir | None = None
+    record_cache_ttl: CacheTtl | None = None
 
 
 class FileConfig(Section):

@@ -44,6 +44,15 @@ class Unavailable(BudgetdError):
     """
 
 
+class RecordsUnavailable(Unavailable):
+    """The record store (Postgres: teams, keys, the ledger) is unreachable.
+
+    A kind of :class:`Unavailable` (so UNAVAILABLE on the wire), told apart so the decision
+    path can carry on without the source of truth where policy allows (``postgres_down:
+    spool``): from cached records and the counters, spooling acknowledged spend to disk.
+    """
+
+
 class ConfigError(BudgetdError):
     """The configuration cannot be used; the message names the key and the file."""
 

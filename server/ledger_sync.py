@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from server.storage.base import CounterState, CounterStore, RecordStore, ScopeBudget
+
+log = logging.getLogger("budgetd.ledger_sync")
 
 
 async def rebuild(
@@ -14,14 +17,40 @@ async def rebuild(
     scopes: Sequence[ScopeBudget],
     now: float,
 ) -> None:
-    """Create the given counters from exact ledger sums (set-if-absent, never added)."""
-    sums = []
+    """Create the given counters from exact ledger sums (set-if-absent, never added).
+
+    Each counter keeps the snapshot its sum was read in, so settles racing with the rebuild
+    are counted exactly once (see :mod:`server.storage.base`).
+    """
+    sums: list[tuple[ScopeBudget, int]] = []
+    snapshots: list[str | None] = []
     for scope in scopes:
-        spend = await records.sum_spend(
+        found = await records.sum_spend_as_of(
             scope.kind, scope.scope_id, scope.window.start, scope.window.end
         )
-        sums.append((scope, spend))
-    await counters.init(team_id, sums, now)
+        sums.append((scope, found.total))
+        snapshots.append(found.snapshot)
+    await counters.init(team_id, sums, now, snapshots=snapshots)
+
+
+async def start_from_zero(
+    counters: CounterStore, team_id: str, scopes: Sequence[ScopeBudget], now: float
+) -> None:
+    """Create missing counters at 0 because the ledger cannot be read (Postgres is down).
+
+    Right when the counter's window began during the outage: no ledger row can be in it
+    yet (spend in it is spooled, and settled into this counter). Wrong only if the counter
+    was lost while it held spend, a second fault (Redis flushed or a counter expired while
+    Postgres is down): then it undercounts until its window ends. Logged, so an operator
+    can tell.
+    """
+    log.warning(
+        "postgres is down: starting counters %s of team %s from 0 (right for a window that "
+        "began during the outage)",
+        ", ".join(scope.counter_id for scope in scopes),
+        team_id,
+    )
+    await counters.init(team_id, [(scope, 0) for scope in scopes], now)
 
 
 async def read_states(

@@ -2,15 +2,23 @@
 
 Each server owns its registry (no module-level collectors), so several budgetd servers can
 live in one process, as they do in the tests.
+
+Values that live in shared state (every team's and key's budget, holds, counter drift) are
+read at scrape time by :class:`server.budget_metrics.BudgetCollector`, through the hooks
+run by :meth:`Metrics.before_scrape`; everything else here is counted as it happens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from server.authority import Decision
+from server.authority import Decision, SpendResult
+from server.budget_metrics import SpendTotals, backend_of
+from server.errors import BudgetdError, Unavailable
 
 
 class Metrics:
@@ -20,8 +28,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
             "budgetd_decisions",
-            "CheckBudget answers by outcome and denial reason",
-            ("outcome", "reason"),
+            "CheckBudget answers by outcome, denial reason and the scope (key, team) that decided",
+            ("outcome", "reason", "scope"),
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -37,10 +45,65 @@ class Metrics:
             ("result",),
             registry=self.registry,
         )
+        self.backend_errors = Counter(
+            "budgetd_backend_errors",
+            "Calls answered UNAVAILABLE because a backend (postgres, redis, sqlite) failed",
+            ("backend",),
+            registry=self.registry,
+        )
+        # Failure behaviour (DESIGN §8): read from the spool and the counter store.
+        self.spool_depth = Gauge(
+            "budgetd_spool_depth",
+            "Acknowledged spends kept on local disk while Postgres is down, not yet in the ledger",
+            registry=self.registry,
+        )
+        self.counters_on_postgres = Gauge(
+            "budgetd_counters_on_postgres",
+            "1 while this replica decides on the exact Postgres path because Redis is down",
+            registry=self.registry,
+        )
+        self.counter_failovers = Counter(
+            "budgetd_counter_failovers",
+            "Times this replica switched its counters from Redis to the Postgres path",
+            registry=self.registry,
+        )
+        # budgetd_spend_usd_total{team_id}: summed in exact nano-USD, exposed as USD.
+        self.spend_totals = SpendTotals()
+        self.registry.register(self.spend_totals)
+        self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def decision(self, decision: Decision) -> None:
         outcome = "allowed" if decision.allowed else "denied"
-        self.decisions.labels(outcome, decision.reason.value).inc()
+        scope = decision.scope.value if decision.scope else ""
+        self.decisions.labels(outcome, decision.reason.value, scope).inc()
+
+    def spend(self, result: SpendResult) -> None:
+        """Count a RecordSpend; only an applied one (not a duplicate) adds to the team's spend."""
+        self.spends.labels("duplicate" if result.duplicate else "recorded").inc()
+        if not result.duplicate:
+            self.spend_totals.add(result.team_id, result.cost_nanos)
+
+    def failure(self, error: BudgetdError) -> None:
+        """Count a call that failed because a backend was unavailable."""
+        if isinstance(error, Unavailable):
+            self.backend_errors.labels(backend_of(error)).inc()
+
+    def watch_failures(
+        self, spool_depth: Callable[[], int] | None, on_postgres: Callable[[], bool] | None
+    ) -> None:
+        """Read the spool's depth and the counters' fallback state at each scrape."""
+        if spool_depth is not None:
+            self.spool_depth.set_function(lambda: float(spool_depth()))
+        if on_postgres is not None:
+            self.counters_on_postgres.set_function(lambda: float(on_postgres()))
+
+    def on_scrape(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` before each scrape (to read values that live in shared state)."""
+        self._scrape_hooks.append(hook)
+
+    async def before_scrape(self) -> None:
+        for hook in self._scrape_hooks:
+            await hook()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -78,6 +141,7 @@ class MetricsServer:
             self._runner = None
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
+        await self._metrics.before_scrape()
         return web.Response(
             body=self._metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

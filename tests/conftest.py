@@ -74,6 +74,28 @@ async def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own, for fault tests that flush, stop or restart it.
+
+    Never the session's shared server, whose loss would break other tests; skipped with
+    ``BUDGETD_TEST_REDIS_URL`` (the machine may have no redis-server to start).
+    """
+    if os.environ.get(REDIS_URL_ENV):
+        pytest.skip(f"{REDIS_URL_ENV} is set: the fault tests start and stop their own Redis")
+    async with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def own_postgres() -> AsyncIterator[PostgresServer]:
+    """A Postgres cluster of the test's own, for fault tests that stop and start it."""
+    if os.environ.get(DATABASE_URL_ENV):
+        pytest.skip(f"{DATABASE_URL_ENV} is set: the fault tests start and stop their own Postgres")
+    async with PostgresServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 async def redis_cluster() -> AsyncIterator[RedisClusterServers]:
     """A throwaway 3-master Redis Cluster for the session (always started by the tests)."""

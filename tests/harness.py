@@ -24,6 +24,7 @@ from server.rules import Enforcement
 from server.storage.base import CounterStore, RecordStore
 from server.storage.memory_counters import MemoryCounters
 from server.storage.postgres import PostgresRecords
+from server.storage.postgres_counters import PostgresCounters
 from server.storage.redis_counters import RedisCounters
 from server.storage.sqlite import SqliteRecords
 
@@ -32,14 +33,17 @@ ADMIN = (("authorization", f"Bearer {MASTER_KEY}"),)
 # 2024-06-13T22:48:36Z, the instant in the seed's example response.
 SEED_INSTANT = 1718318916.0
 BACKENDS = ("embedded", "postgres_redis")
-# The contract suite also runs on a 3-master Redis Cluster (same Lua scripts).
-CONTRACT_BACKENDS = (*BACKENDS, "postgres_redis_cluster")
+# The contract suite also runs on a 3-master Redis Cluster (same Lua scripts), and on
+# Postgres alone: the counters budgetd falls back to while Redis is down (redis_down: postgres).
+CONTRACT_BACKENDS = (*BACKENDS, "postgres_redis_cluster", "postgres_only")
 
 
 def backend_urls(request: pytest.FixtureRequest, name: str) -> dict[str, str]:
     """The service URLs backend ``name`` needs (from a sync fixture: it may start them)."""
     if name == "embedded":
         return {}
+    if name == "postgres_only":
+        return {"database_url": request.getfixturevalue("database_url")}
     redis_fixture = "redis_cluster_url" if name.endswith("cluster") else "redis_url"
     return {
         "database_url": request.getfixturevalue("database_url"),
@@ -68,9 +72,13 @@ def make_settings(
 
 
 def make_stores(name: str, settings: Settings) -> Stores:
-    """The stores of backend ``name`` ("embedded" or "postgres_redis")."""
+    """The stores of backend ``name`` (one of CONTRACT_BACKENDS)."""
     if name == "embedded":
         return Stores(SqliteRecords(settings.data_dir / "budgetd.sqlite3"), MemoryCounters(), name)
+    if name == "postgres_only":
+        assert settings.database_url
+        exact = PostgresCounters(settings.database_url)
+        return Stores(PostgresRecords(settings.database_url), exact, name)
     assert settings.database_url and settings.redis_url
     counters = RedisCounters(settings.redis_url)  # a redis+cluster:// URL means Cluster
     return Stores(PostgresRecords(settings.database_url), counters, name)
@@ -89,7 +97,12 @@ class Backend:
     admin: Admin
 
     async def lose_counters(self) -> None:
-        """Forget every hot counter (a restart of the embedded store, FLUSHALL in Redis)."""
+        """Forget every hot counter (a restart of the embedded store, FLUSHALL in Redis).
+
+        Counters on Postgres alone are the ledger's sums: there is nothing to lose.
+        """
+        if isinstance(self.counters, PostgresCounters):
+            return
         if isinstance(self.counters, RedisCounters):
             url = self.settings.redis_url
             assert url

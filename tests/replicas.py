@@ -87,10 +87,21 @@ class Replica:
 
 @dataclass
 class Cluster:
-    """The running replicas; ``returncodes`` is filled in once they have been stopped."""
+    """The running replicas; ``returncodes`` is filled in once they have been stopped.
+
+    ``config`` and ``envs`` are what each replica was started with, so a fault test can kill
+    one (:func:`kill_replica`) and start it again with the same data directory
+    (:func:`relaunch_replica`).
+    """
 
     replicas: list[Replica]
     returncodes: list[int | None] = field(default_factory=list)
+    workdir: Path = Path()
+    config: Path = Path()
+    envs: list[dict[str, str]] = field(default_factory=list)
+    # Channels of killed replicas, closed at the end: closing one at once would cancel the
+    # calls still in flight on it locally, where the load wants to see them fail.
+    retired: list[grpc.aio.Channel] = field(default_factory=list)
 
 
 def replica_env(
@@ -207,14 +218,41 @@ async def start_replicas(
         *(_launch(i, workdir, config, envs[i]) for i in range(count)), return_exceptions=True
     )
     replicas = [r for r in started if isinstance(r, Replica)]
-    cluster = Cluster(replicas)
+    cluster = Cluster(replicas, workdir=workdir, config=config, envs=envs)
     try:
         for result in started:
             if isinstance(result, BaseException):
                 raise result
         yield cluster
     finally:
-        cluster.returncodes = list(await asyncio.gather(*(_stop(r) for r in replicas)))
+        # cluster.replicas, not replicas: a relaunched replica replaced its killed process.
+        cluster.returncodes = list(await asyncio.gather(*(_stop(r) for r in cluster.replicas)))
+        for channel in cluster.retired:
+            await channel.close()
+
+
+async def kill_replica(cluster: Cluster, index: int) -> None:
+    """SIGKILL replica ``index`` (no drain, no cleanup: a crash) and reap it."""
+    replica = cluster.replicas[index]
+    if replica.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            replica.process.kill()
+        await replica.process.wait()
+    if replica.channel is not None:
+        cluster.retired.append(replica.channel)
+        replica.channel = None
+
+
+async def relaunch_replica(cluster: Cluster, index: int, **extra_env: str) -> Replica:
+    """Start replica ``index`` again (after :func:`kill_replica`) with the same config and
+    data directory, plus ``extra_env``; it replaces the old one in ``cluster.replicas``."""
+    old = cluster.replicas[index]
+    if old.process.returncode is None:
+        raise ReplicaError(f"replica {index} is still running")
+    env = {**cluster.envs[index], **extra_env}
+    replica = await _launch(index, cluster.workdir, cluster.config, env)
+    cluster.replicas[index] = replica
+    return replica
 
 
 # --- admin and load ---------------------------------------------------------------------

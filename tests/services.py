@@ -287,7 +287,8 @@ class PostgresServer:
     superuser ``postgres``, ``fsync=off``) and starts it on a free port on 127.0.0.1 with its
     unix socket in that directory; ``await stop()`` stops it with ``pg_ctl stop -m immediate``
     and removes the directory; ``await restart()`` stops it the same way and starts it again on
-    the same port, keeping its data (Postgres runs crash recovery, as after a real crash).
+    the same port, keeping its data (Postgres runs crash recovery, as after a real crash);
+    ``await halt()`` only stops it that way, for an outage that lasts until ``start()``.
     Also an async context manager.
     """
 
@@ -460,11 +461,18 @@ class PostgresServer:
 
     async def restart(self) -> None:
         """Stop the server immediately (as a crash would) and start it again on the same port."""
-        self._require_managed("restart")
+        await self.halt()
+        await self.start()
+
+    async def halt(self) -> None:
+        """Stop the server immediately (as a crash would), keeping its data and port.
+
+        Clients see an outage until :meth:`start` brings it back, crash recovery and all.
+        """
+        self._require_managed("halt")
         if self._running:
             await self._pg_ctl_stop(check=True)
             self._running = False
-        await self.start()
 
     async def stop(self) -> None:
         """Stop the server (``pg_ctl stop -m immediate``) and delete all its files."""

@@ -55,6 +55,16 @@ ERRORS: dict[str, tuple[str, str]] = {
         "must be one of release, estimate (got 'sometimes')",
     ),
     "bad_max_body_bytes.yaml": ("budgetd.max_body_bytes", "from 1024 to 67108864 (got 12)"),
+    "bad_redis_down.yaml": (
+        "budgetd.redis_down",
+        "must be one of postgres, deny (got 'sometimes')",
+    ),
+    "bad_postgres_down.yaml": ("budgetd.postgres_down", "must be one of spool, deny (got 'drop')"),
+    "bad_spool_dir.yaml": ("budgetd.spool_dir", "must not be empty"),
+    "bad_record_cache_ttl.yaml": (
+        "budgetd.record_cache_ttl",
+        "must be from 0 to 3600 seconds (got '2h')",
+    ),
     "bad_budget_duration.yaml": (
         "litellm_settings.default_team_settings[0].budget_duration",
         "'1x' is not a duration",
@@ -226,6 +236,11 @@ def test_no_file_gives_the_defaults() -> None:
     assert settings.failure_callback == ()
     assert settings.metrics_enabled is True
     assert settings.multi_instance_rate_limiting is False
+    assert settings.redis_down == "postgres"
+    assert settings.postgres_down == "spool"
+    assert settings.spool_dir is None
+    assert settings.spool_path == Path(".budgetd/spool")
+    assert settings.record_cache_ttl == 5.0
     assert settings.config_path is None
 
 
@@ -267,6 +282,10 @@ def test_full_config_loads_every_key() -> None:
     assert settings.deny_status == 403
     assert settings.incomplete_response == "estimate"
     assert settings.max_body_bytes == 2 * 1024 * 1024
+    assert settings.redis_down == "deny"
+    assert settings.postgres_down == "deny"
+    assert settings.spool_path == settings.spool_dir == Path("/var/spool/budgetd")
+    assert settings.record_cache_ttl == 2.0
     assert settings.success_callback == ("prometheus",)
     assert settings.failure_callback == ("prometheus",)
     assert settings.multi_instance_rate_limiting is False
@@ -702,3 +721,20 @@ def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
     path = write(tmp_path, "\n".join(lines) + "\n")
     assert config_error(path) == f"{path}: has more than 200000 values"
+
+
+def test_failure_policy_settings_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "BUDGETD_DATA_DIR": str(tmp_path),
+        "BUDGETD_REDIS_DOWN": "DENY",
+        "BUDGETD_POSTGRES_DOWN": "deny",
+        "BUDGETD_RECORD_CACHE_TTL": "0",
+    }
+    settings = load_settings(None, env)
+    assert (settings.redis_down, settings.postgres_down) == ("deny", "deny")
+    assert settings.record_cache_ttl == 0.0  # every decision reads Postgres
+    assert settings.spool_path == tmp_path / "spool"  # follows data_dir unless set
+    moved = load_settings(None, {**env, "BUDGETD_SPOOL_DIR": str(tmp_path / "elsewhere")})
+    assert moved.spool_path == tmp_path / "elsewhere"
+    message = config_error(None, {"BUDGETD_RECORD_CACHE_TTL": "-1"})
+    assert "environment: BUDGETD_RECORD_CACHE_TTL: must be from 0 to 3600 seconds" in message

@@ -25,6 +25,7 @@ from server.storage.base import (
 )
 from server.storage.memory_counters import MemoryCounters
 from server.storage.redis_counters import RedisCounters
+from server.storage.snapshots import snapshot_of, visible
 from server.windows import ALL_TIME, Window
 
 HOUR_END = 1_700_002_800
@@ -461,3 +462,136 @@ async def test_redis_outage_is_reported_as_unavailable() -> None:
             await reserve(store, [team_scope(1)], 1, "r1")
     finally:
         await store.close()
+
+
+# -- exactly once when counters vanish: ledger snapshots, parked costs ---------------------------
+#
+# A counter rebuilt from the ledger keeps the snapshot it was summed in; a settle names the
+# ledger transaction of its row and adds only if that snapshot did not see it. Snapshots
+# here: "xmin:xmax:in-progress" as Postgres writes them.
+
+SNAPSHOT = snapshot_of(100, 110, (104,))  # sees 0..99 and 100..109 except 104
+
+
+def test_snapshot_visibility_follows_postgres_rules() -> None:
+    assert [visible(x, SNAPSHOT) for x in (99, 100, 103, 104, 109, 110, 111)] == [
+        True, True, True, False, True, False, False,
+    ]  # fmt: skip
+    assert not visible(None, SNAPSHOT)
+    assert not visible(5, None)
+    assert not visible(5, "")
+    assert visible(10**15, snapshot_of(10**15 + 1, 10**15 + 1))
+
+
+async def test_settle_adds_only_what_the_counters_snapshot_did_not_see(
+    store: CounterStore,
+) -> None:
+    team = team_scope(None)
+    await store.init(TEAM, [(team, 1000)], NOW, snapshots=[SNAPSHOT])
+
+    seen = await store.settle(TEAM, "", [team], 1, "q1", NOW, 60, xact=103)
+    in_progress = await store.settle(TEAM, "", [team], 10, "q2", NOW, 60, xact=104)
+    later = await store.settle(TEAM, "", [team], 100, "q3", NOW, 60, xact=110)
+    unknown = await store.settle(TEAM, "", [team], 1000, "q4", NOW, 60)
+
+    assert [r.applied for r in (seen, in_progress, later, unknown)] == [True] * 4
+    assert await store.read(TEAM, [team], NOW) == (CounterState(2110, 0),)
+
+
+async def test_a_settle_that_finds_its_counter_missing_is_parked_for_the_rebuild(
+    store: CounterStore,
+) -> None:
+    team, key = team_scope(None), key_scope(None)
+    await store.init(TEAM, [(key, 0)], NOW)
+
+    # Three rows settle while the team's counter is gone (Redis was flushed, say).
+    await store.settle(TEAM, "", [key, team], 7, "q1", NOW, 60, xact=99)  # the rebuild sees it
+    await store.settle(TEAM, "", [key, team], 20, "q2", NOW, 60, xact=104)  # it does not
+    await store.settle(TEAM, "", [key, team], 300, "q3", NOW, 60)  # no transaction: skipped
+    await store.init(TEAM, [(team, 5000)], NOW, snapshots=[SNAPSHOT])  # 5000 includes the 7
+
+    assert await store.read(TEAM, [key, team], NOW) == (
+        CounterState(327, 0),
+        CounterState(5020, 0),
+    )
+    # Taken in once: a second rebuild of a lost counter starts from its own sum again.
+    await store.settle(TEAM, "", [team], 1, "q4", NOW, 60, xact=103)
+    assert await store.read(TEAM, [team], NOW) == (CounterState(5020, 0),)
+
+
+async def test_a_counter_built_without_a_snapshot_takes_in_every_parked_cost(
+    store: CounterStore,
+) -> None:
+    team = team_scope(None)
+    await store.settle(TEAM, "", [team], 20, "q1", NOW, 60, xact=1)
+    await store.init(TEAM, [(team, 0)], NOW)  # e.g. started from 0 while Postgres was down
+    assert await store.read(TEAM, [team], NOW) == (CounterState(20, 0),)
+
+
+# -- settles announced and never done (a budgetd killed between commit and settle) --------------
+
+
+async def test_an_overdue_settle_is_handed_to_one_caller_at_a_time(store: CounterStore) -> None:
+    team = team_scope(1000)
+    await store.init(TEAM, [(team, 0)], NOW)
+    assert await store.begin_settle(TEAM, [team], "dead", NOW, 10) == (CounterState(0, 0),)
+    await store.begin_settle(TEAM, [team], "alive", NOW, 10)
+    await store.settle(TEAM, "", [team], 5, "alive", NOW + 1, 60)  # settled: not overdue
+
+    early = await store.reserve(TEAM, [team], 0, "", LATER, NOW + 9, NEVER)
+    due = await store.reserve(TEAM, [team], 0, "", LATER, NOW + 10, NEVER)
+    claimed = await store.settle(TEAM, "", [team], 1, "other", NOW + 11, 60)
+    reclaimed = await store.reserve(TEAM, [team], 0, "", LATER, NOW + 41, NEVER)
+    await store.abandon_settle(TEAM, "dead", NOW + 41)
+    gone = await store.reserve(TEAM, [team], 0, "", LATER, NOW + 100, NEVER)
+
+    assert early.unsettled == ()
+    assert due.unsettled == ("dead",)
+    assert claimed.unsettled == ()  # claimed by the reserve above for 30 s
+    assert reclaimed.unsettled == ("dead",)  # the claim ran out: handed over again
+    assert gone.unsettled == ()
+
+
+async def test_begin_settle_reads_missing_counters_as_none(store: CounterStore) -> None:
+    team, key = team_scope(1000), key_scope(1000)
+    await store.init(TEAM, [(team, 3)], NOW)
+    assert await store.begin_settle(TEAM, [key, team], "q1", NOW, 10) == (
+        None,
+        CounterState(3, 0),
+    )
+
+
+# -- forgetting the teams a replica served without Redis ----------------------------------------
+
+
+@pytest.fixture(params=["redis", "redis_cluster"])
+def redis_store(request: pytest.FixtureRequest) -> RedisCounters:
+    fixture = "redis_counters" if request.param == "redis" else "redis_cluster_counters"
+    found: RedisCounters = request.getfixturevalue(fixture)
+    return found
+
+
+async def test_forget_teams_drops_their_counters_holds_and_parked_costs_only(
+    redis_store: RedisCounters,
+) -> None:
+    other = "team-b"
+    mine, theirs = team_scope(1000), ScopeBudget(ScopeKind.TEAM, other, 1000, "1h", HOUR)
+    await redis_store.init(TEAM, [(mine, 10), (key_scope(1000), 10)], NOW)
+    await redis_store.init(other, [(theirs, 20)], NOW)
+    await reserve(redis_store, [mine], 5, "r1")
+    await redis_store.reserve(other, [theirs], 5, "r2", LATER, NOW, NEVER)
+    await redis_store.settle(TEAM, "", [mine, key_scope(1000)], 1, "q1", NOW, 60)
+    missing = ScopeBudget(ScopeKind.KEY, "gone", None, "1h", HOUR)
+    await redis_store.settle(TEAM, "", [missing], 1, "q2", NOW, 60, xact=7)  # parks
+
+    assert await redis_store.forget_teams([TEAM]) >= 5
+
+    assert await redis_store.read(TEAM, [mine, key_scope(1000), missing], NOW) == (None,) * 3
+    assert not await redis_store.release(TEAM, "r1", NOW)
+    assert await redis_store.read(other, [theirs], NOW) == (CounterState(20, 5),)
+    # The dedupe marker stays: the request did settle once.
+    again = await redis_store.settle(TEAM, "", [mine], 1, "q1", NOW, 60)
+    assert not again.applied
+    # Rebuilt by setting, nothing parked comes back.
+    await redis_store.init(TEAM, [(missing, 0)], NOW)
+    assert await redis_store.read(TEAM, [missing], NOW) == (CounterState(0, 0),)

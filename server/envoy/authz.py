@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from server import request_log
 from server.authority import Authority, CheckRequest, Decision
 from server.config import Settings
 from server.denials import (
@@ -81,13 +83,16 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
             max_tokens=facts.max_tokens,
             prompt_tokens=facts.prompt_tokens,
         )
+        started = time.perf_counter()
         with self._metrics.latency.labels("EnvoyCheck").time():
             try:
                 decision = await self._authority.check(req)
             except BudgetdError as exc:
                 log.warning("ext_authz cannot decide (%s): %s", type(exc).__name__, exc)
+                self._metrics.failure(exc)
                 await context.abort(grpc_code(exc), str(exc))
         self._metrics.decision(decision)
+        request_log.decision("EnvoyCheck", req.request_id, decision, time.perf_counter() - started)
         if decision.allowed:
             return _allowed(decision, facts, used)
         denial = http_denial(

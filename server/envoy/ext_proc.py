@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -34,6 +35,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as proc_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 
+from server import request_log
 from server.authority import Authority, SpendRequest
 from server.config import Settings
 from server.denials import HEADER_MODEL, HEADER_RESERVATION_ID, HEADER_RESERVED
@@ -249,6 +251,7 @@ class EnvoySpend(proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             else:
                 await self._record(settlement.spend)
         except BudgetdError as exc:
+            self._metrics.failure(exc)
             log.warning(
                 "could not settle hold %s (%s): %s: %s",
                 settlement.reservation_id,
@@ -262,6 +265,7 @@ class EnvoySpend(proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self._metrics.spends.labels("failed").inc()
 
     async def _record(self, spend: SpendRequest) -> None:
+        started, result_id = time.perf_counter(), spend.request_id
         try:
             result = await self._authority.record(spend)
             reused = result.duplicate
@@ -272,14 +276,16 @@ class EnvoySpend(proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             # x-request-id (clients can set it): record under an id of the hold itself
             # rather than let this request go uncharged.
             log.warning("x-request-id %r reused; recording by reservation", spend.request_id)
+            result_id = spend_request_id("", spend.reservation_id)
             result = await self._authority.record(
                 replace(
                     spend,
-                    request_id=spend_request_id("", spend.reservation_id),
+                    request_id=result_id,
                     metadata={**spend.metadata, "reused_request_id": spend.request_id},
                 )
             )
-        self._metrics.spends.labels("duplicate" if result.duplicate else "recorded").inc()
+        self._metrics.spend(result)
+        request_log.spend("EnvoyProcess", result_id, result, time.perf_counter() - started)
 
 
 def spend_request_id(x_request_id: str, reservation_id: str) -> str:

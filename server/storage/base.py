@@ -11,6 +11,15 @@ Counters are a cache of the ledger: a counter that is missing (new window, Redis
 or flushed) is reported as such, and the caller rebuilds it from the ledger by *setting* it
 (``init``), never by adding to it. All amounts are integer nano-USD; all instants are Unix
 seconds.
+
+Exactly once, even when counters vanish under load: a request writes its ledger row, then
+settles its cost into the counters. A counter rebuilt in between (by another request, after
+a FLUSHALL) may or may not have summed that row. So a rebuilt counter remembers the ledger
+snapshot it summed in, each settle names the transaction that wrote its row, and the counter
+adds the cost only if its snapshot did not see that transaction; a settle that finds the
+counter missing parks the cost, and the ``init`` that recreates the counter adds what its
+snapshot did not see. Stores without snapshots (SQLite + in-process counters, one process)
+pass None and get the plain behaviour.
 """
 
 from __future__ import annotations
@@ -77,10 +86,29 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class LedgerInsert:
-    """Result of inserting into the ledger: the stored entry, and whether it was new."""
+    """Result of inserting into the ledger: the stored entry, and whether it was new.
+
+    ``xact`` identifies the database transaction that wrote the stored row (Postgres: its
+    64-bit transaction id), so a counter rebuilt from a ledger snapshot can tell whether
+    the row was already in its sum (see :class:`SpendSum`); None when the store keeps none.
+    """
 
     inserted: bool
     entry: LedgerEntry
+    xact: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendSum:
+    """An exact ledger sum and the snapshot it was read in.
+
+    ``snapshot`` is Postgres' ``pg_current_snapshot()`` text (``xmin:xmax:xip,...``) of the
+    statement that summed: exactly the rows whose ``xact`` is visible in it are in ``total``.
+    None when the store has no snapshots (SQLite, single process).
+    """
+
+    total: int
+    snapshot: str | None = None
 
 
 class ScopeKind(StrEnum):
@@ -131,6 +159,9 @@ class ReserveResult:
     states: tuple[CounterState, ...] = ()
     denied_index: int = -1
     missing: tuple[int, ...] = ()
+    # Request ids announced by begin_settle and never settled (their budgetd died?): the
+    # caller settles them from the ledger, or abandons them (see CounterStore.begin_settle).
+    unsettled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +174,7 @@ class SettleResult:
 
     applied: bool
     states: tuple[CounterState | None, ...]
+    unsettled: tuple[str, ...] = ()  # as in ReserveResult
 
 
 class RecordStore(Protocol):
@@ -180,10 +212,72 @@ class RecordStore(Protocol):
     async def insert_spend(self, entry: LedgerEntry) -> LedgerInsert:
         """Insert a ledger row unless its request_id exists; return the stored row."""
 
+    async def get_spend(self, request_id: str) -> LedgerInsert | None:
+        """The ledger row of ``request_id`` (``inserted`` False), or None."""
+
     async def sum_spend(
         self, kind: ScopeKind, scope_id: str, start: float, end: float | None
     ) -> int:
         """Exact sum of ledger costs of a scope admitted in ``[start, end)`` (end None: open)."""
+
+    async def sum_spend_as_of(
+        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+    ) -> SpendSum:
+        """:meth:`sum_spend`, with the snapshot it was read in (to rebuild a counter)."""
+
+    # -- listings and reports (issue 6: metrics, spend reports, the admin page) ------------
+
+    async def list_keys(
+        self, team_id: str, after_key_id: str, limit: int, *, include_revoked: bool = False
+    ) -> list[KeyRecord]:
+        """Keys ordered by key_id, strictly after ``after_key_id``; ``team_id`` "" = all teams."""
+
+    async def spend_report(self, query: SpendQuery) -> list[SpendRow]:
+        """Ledger spend admitted in ``[query.start, query.end)``, summed exactly per group.
+
+        One row per distinct combination of ``query.group_by`` (a single total row when it is
+        empty), ordered by day, team_id, key_id, model; at most ``query.limit`` rows.
+        """
+
+
+class SpendGroup(StrEnum):
+    """A dimension a spend report is grouped by."""
+
+    TEAM = "team"
+    KEY = "key"
+    MODEL = "model"
+    DAY = "day"  # the calendar day of admitted_at in the query's time zone
+
+
+@dataclass(frozen=True, slots=True)
+class SpendQuery:
+    """A spend report: which ledger rows (by admitted_at and filters) and how to group them."""
+
+    start: float
+    end: float
+    group_by: tuple[SpendGroup, ...] = ()
+    team_id: str = ""  # "" = every team
+    key_id: str = ""  # "" = every key
+    model: str = ""  # "" = every model
+    timezone: str = "UTC"  # IANA name: what a "day" is
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """One group of a spend report; dimensions that were not grouped by are ""."""
+
+    spend_nanos: int
+    requests: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    day: str = ""  # YYYY-MM-DD
+    team_id: str = ""
+    team_alias: str = ""
+    key_id: str = ""
+    key_alias: str = ""
+    key_hash: str = ""
+    model: str = ""
 
 
 class CounterStore(Protocol):
@@ -209,9 +303,19 @@ class CounterStore(Protocol):
         """
 
     async def init(
-        self, team_id: str, counters: Sequence[tuple[ScopeBudget, int]], now: float
+        self,
+        team_id: str,
+        counters: Sequence[tuple[ScopeBudget, int]],
+        now: float,
+        *,
+        snapshots: Sequence[str | None] = (),
     ) -> None:
-        """Create missing counters with the given ledger spend; existing ones are left alone."""
+        """Create missing counters with the given ledger spend; existing ones are left alone.
+
+        ``snapshots[i]`` is the ledger snapshot counter ``i``'s spend was summed in (none
+        given: no snapshot). A counter created here also takes in the costs that settles
+        parked while it was missing, those whose rows its snapshot did not see.
+        """
 
     async def settle(
         self,
@@ -222,16 +326,46 @@ class CounterStore(Protocol):
         request_id: str,
         now: float,
         dedupe_ttl: float,
+        *,
+        xact: int | None = None,
     ) -> SettleResult:
         """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
 
-        Applied once per ``request_id`` within ``dedupe_ttl`` seconds.
+        Applied once per ``request_id`` within ``dedupe_ttl`` seconds. ``xact`` is the ledger
+        transaction that wrote this spend: a counter whose snapshot already sees it is not
+        added to (its ledger sum has the cost), and for a missing counter the cost is parked
+        for the ``init`` that recreates it. With ``xact`` None the cost is added to every
+        existing counter and missing ones are skipped.
+
+        A store whose spend *is* the ledger (PostgresCounters) adds nothing here: settling
+        only releases the hold, the caller's ledger row is the spend.
         """
 
     async def read(
         self, team_id: str, scopes: Sequence[ScopeBudget], now: float
     ) -> tuple[CounterState | None, ...]:
         """Current counters, None where missing."""
+
+    async def begin_settle(
+        self,
+        team_id: str,
+        scopes: Sequence[ScopeBudget],
+        request_id: str,
+        now: float,
+        grace: float,
+    ) -> tuple[CounterState | None, ...]:
+        """``read``, and announce that ``request_id`` is about to be written and settled.
+
+        Between its ledger commit and its settle a request's cost is in the ledger and not
+        yet in the counters; a crash there would leave them short for good. So the request
+        is journaled here and ``settle`` clears it. One not settled within ``grace`` seconds
+        is handed (once per ``RECOVERY_CLAIM_SECONDS``) to the team's next ``reserve`` or
+        ``settle`` caller in ``unsettled``, who settles it from its ledger row (the dedupe
+        marker makes that harmless if it was only slow) or, with no row, abandons it.
+        """
+
+    async def abandon_settle(self, team_id: str, request_id: str, now: float) -> None:
+        """Forget an announced request that never reached the ledger."""
 
     async def release(self, team_id: str, reservation_id: str, now: float) -> bool:
         """Drop a hold without spending; False when there was none."""

@@ -23,10 +23,13 @@ from server.storage.base import (
     ScopeBudget,
     SettleResult,
 )
+from server.storage.snapshots import visible
 from server.windows import Window
 
 # Expired holds released per call, at most: bounds the work of one decision.
 PURGE_LIMIT = 100
+# Seconds an overdue settle handed to one caller for recovery is not handed to another.
+RECOVERY_CLAIM_SECONDS = 30
 # A finished window's counter is kept this long at least, so late RecordSpends of requests
 # admitted in it still find their counter (otherwise they are only in the ledger).
 MIN_GRACE_SECONDS = 3600
@@ -73,6 +76,7 @@ class _Counter:
     spend: int
     held: int
     expires_at: float | None
+    snapshot: str | None = None  # the ledger snapshot its spend was summed in
 
     def state(self) -> CounterState:
         return CounterState(self.spend, self.held)
@@ -100,6 +104,11 @@ class MemoryCounters:
         self._counters: dict[tuple[str, str], _Counter] = {}
         self._holds: dict[str, _TeamHolds] = {}
         self._done: dict[tuple[str, str], float] = {}  # (team, request id) -> expires_at
+        # Costs settled while their counter was missing: (team, counter id) ->
+        # (expires_at, {xact: cost}), taken in by the init that recreates the counter.
+        self._parked: dict[tuple[str, str], tuple[float, dict[int, int]]] = {}
+        # Settles announced by begin_settle and not done yet: team -> {request id: deadline}.
+        self._inflight: dict[str, dict[str, float]] = {}
         # Min-heaps of (expires_at, team, id) to reclaim memory; may hold stale entries.
         self._counter_expiry: list[tuple[float, str, str]] = []
         self._done_expiry: list[tuple[float, str, str]] = []
@@ -131,6 +140,7 @@ class MemoryCounters:
             raise ValueError("a hold needs a reservation_id")
         self._sweep(now)
         self._purge(team_id, now)
+        unsettled = self._claim_unsettled(team_id, now)
         if reservation_id:
             self._drop_hold(team_id, reservation_id, now)
 
@@ -138,7 +148,7 @@ class MemoryCounters:
         counters = [counter for counter in found if counter is not None]
         if len(counters) < len(found):
             missing = tuple(i for i, counter in enumerate(found) if counter is None)
-            return ReserveResult(ReserveStatus.MISSING, missing=missing)
+            return ReserveResult(ReserveStatus.MISSING, missing=missing, unsettled=unsettled)
 
         for index, (scope, counter) in enumerate(zip(scopes, counters, strict=True)):
             if not admits(mode, scope.limit_nanos, counter.spend, counter.held, amount):
@@ -146,6 +156,7 @@ class MemoryCounters:
                     ReserveStatus.DENIED,
                     states=tuple(c.state() for c in counters),
                     denied_index=index,
+                    unsettled=unsettled,
                 )
 
         if amount > 0:
@@ -155,21 +166,35 @@ class MemoryCounters:
             holds = self._holds.setdefault(team_id, _TeamHolds())
             holds.by_id[reservation_id] = _Hold(amount, ids, hold_expires_at)
             heapq.heappush(holds.by_expiry, (hold_expires_at, reservation_id))
-        return ReserveResult(ReserveStatus.RESERVED, states=tuple(c.state() for c in counters))
+        states = tuple(c.state() for c in counters)
+        return ReserveResult(ReserveStatus.RESERVED, states=states, unsettled=unsettled)
 
     async def init(
-        self, team_id: str, counters: Sequence[tuple[ScopeBudget, int]], now: float
+        self,
+        team_id: str,
+        counters: Sequence[tuple[ScopeBudget, int]],
+        now: float,
+        *,
+        snapshots: Sequence[str | None] = (),
     ) -> None:
-        """Create missing counters with the given ledger spend; existing ones are left alone."""
+        """Create missing counters with the given ledger spend; existing ones are left alone.
+
+        A new counter also takes in the costs parked while it was missing whose ledger rows
+        its snapshot did not see.
+        """
         for _scope, spend in counters:
             check_nanos("spend", spend)
         self._sweep(now)
-        for scope, spend in counters:
+        for index, (scope, ledger_spend) in enumerate(counters):
             if self._counter(team_id, scope.counter_id, now) is not None:
                 continue
+            snapshot = snapshots[index] if index < len(snapshots) else None
+            expires, parked = self._parked.pop((team_id, scope.counter_id), (now, {}))
+            unseen = [cost for xact, cost in parked.items() if not visible(xact, snapshot)]
+            spend = ledger_spend + (sum(unseen) if expires > now else 0)
             ttl = counter_ttl(scope.window, now)
             expires_at = None if ttl is None else now + ttl
-            self._counters[(team_id, scope.counter_id)] = _Counter(spend, 0, expires_at)
+            self._counters[(team_id, scope.counter_id)] = _Counter(spend, 0, expires_at, snapshot)
             if expires_at is not None:
                 heapq.heappush(self._counter_expiry, (expires_at, team_id, scope.counter_id))
 
@@ -182,11 +207,14 @@ class MemoryCounters:
         request_id: str,
         now: float,
         dedupe_ttl: float,
+        *,
+        xact: int | None = None,
     ) -> SettleResult:
         """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
 
         Applied once per ``request_id`` within ``dedupe_ttl`` seconds; a repeat changes
-        nothing and returns ``applied=False`` with the current counters.
+        nothing and returns ``applied=False`` with the current counters. A counter whose
+        snapshot sees ``xact`` is not added to; for a missing one the cost is parked.
         """
         check_nanos("cost", cost)
         if not request_id:
@@ -194,10 +222,12 @@ class MemoryCounters:
         marker_seconds = dedupe_seconds(dedupe_ttl)
         self._sweep(now)
         self._purge(team_id, now)
+        self._inflight.get(team_id, {}).pop(request_id, None)
+        unsettled = self._claim_unsettled(team_id, now)
         done_key = (team_id, request_id)
         done_until = self._done.get(done_key)
         if done_until is not None and now < done_until:
-            return SettleResult(False, self._states(team_id, scopes, now))
+            return SettleResult(False, self._states(team_id, scopes, now), unsettled)
 
         self._done[done_key] = now + marker_seconds
         heapq.heappush(self._done_expiry, (now + marker_seconds, team_id, request_id))
@@ -206,8 +236,34 @@ class MemoryCounters:
         for scope in scopes:
             counter = self._counter(team_id, scope.counter_id, now)
             if counter is not None:
-                counter.spend += cost
-        return SettleResult(True, self._states(team_id, scopes, now))
+                if not visible(xact, counter.snapshot):
+                    counter.spend += cost
+            elif xact is not None:
+                self._park(team_id, scope.counter_id, xact, cost, now + marker_seconds)
+        return SettleResult(True, self._states(team_id, scopes, now), unsettled)
+
+    async def begin_settle(
+        self,
+        team_id: str,
+        scopes: Sequence[ScopeBudget],
+        request_id: str,
+        now: float,
+        grace: float,
+    ) -> tuple[CounterState | None, ...]:
+        """``read``, and journal ``request_id`` until its settle."""
+        if not request_id:
+            raise ValueError("begin_settle needs a request_id")
+        self._sweep(now)
+        self._inflight.setdefault(team_id, {})[request_id] = now + grace
+        return self._states(team_id, scopes, now)
+
+    async def abandon_settle(self, team_id: str, request_id: str, now: float) -> None:
+        """Forget an announced request that never reached the ledger."""
+        pending = self._inflight.get(team_id)
+        if pending is not None:
+            pending.pop(request_id, None)
+            if not pending:
+                del self._inflight[team_id]
 
     async def read(
         self, team_id: str, scopes: Sequence[ScopeBudget], now: float
@@ -242,6 +298,23 @@ class MemoryCounters:
     ) -> tuple[CounterState | None, ...]:
         counters = (self._counter(team_id, scope.counter_id, now) for scope in scopes)
         return tuple(None if c is None else c.state() for c in counters)
+
+    def _claim_unsettled(self, team_id: str, now: float) -> tuple[str, ...]:
+        """Overdue announced settles (PURGE_LIMIT at most), each claimed for a while."""
+        pending = self._inflight.get(team_id)
+        if not pending:
+            return ()
+        due = sorted((deadline, rid) for rid, deadline in pending.items() if deadline <= now)
+        claimed = tuple(rid for _, rid in due[:PURGE_LIMIT])
+        for rid in claimed:
+            pending[rid] = now + RECOVERY_CLAIM_SECONDS
+        return claimed
+
+    def _park(self, team_id: str, counter_id: str, xact: int, cost: int, until: float) -> None:
+        """Keep a cost for the init that recreates a missing counter (until ``until``)."""
+        _, parked = self._parked.get((team_id, counter_id), (until, {}))
+        parked[xact] = cost
+        self._parked[(team_id, counter_id)] = (until, parked)
 
     def _drop_hold(self, team_id: str, reservation_id: str, now: float) -> bool:
         holds = self._holds.get(team_id)

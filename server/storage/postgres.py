@@ -27,9 +27,19 @@ import asyncpg
 from asyncpg import exceptions as pg_errors
 from asyncpg.pool import PoolConnectionProxy
 
-from server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from server.errors import AlreadyExists, InvalidArgument, NotFound, RecordsUnavailable, Unavailable
 from server.money import decimal_to_nanos, nanos_to_decimal
-from server.storage.base import KeyRecord, LedgerEntry, LedgerInsert, ScopeKind, TeamRecord
+from server.storage.base import (
+    KeyRecord,
+    LedgerEntry,
+    LedgerInsert,
+    ScopeKind,
+    SpendQuery,
+    SpendRow,
+    SpendSum,
+    TeamRecord,
+)
+from server.storage.spend_sql import POSTGRES, spend_report_sql, spend_row
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
@@ -113,28 +123,47 @@ _LEDGER_COLUMNS: Final = (
     "request_id, team_id, key_id, cost, admitted_at, recorded_at, reservation_id, model,"
     " prompt_tokens, completion_tokens, metadata"
 )
+# xact (migration 0002) is filled by its column default: the writing transaction's id.
 _SQL_INSERT_SPEND: Final = (
     f"INSERT INTO spend_ledger ({_LEDGER_COLUMNS})"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-    f" ON CONFLICT (request_id) DO NOTHING RETURNING {_LEDGER_COLUMNS}"
+    f" ON CONFLICT (request_id) DO NOTHING RETURNING {_LEDGER_COLUMNS}, xact"
 )
-_SQL_GET_SPEND: Final = f"SELECT {_LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = $1"
+_SQL_GET_SPEND: Final = f"SELECT {_LEDGER_COLUMNS}, xact FROM spend_ledger WHERE request_id = $1"
 # One query per scope kind so each is served by its (scope, admitted_at) index; a NULL end
 # means no upper bound.
 _SUM_SPEND: Final = """SELECT COALESCE(SUM(cost), 0) FROM spend_ledger WHERE {scope} = $1
     AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
 _SQL_SUM_TEAM_SPEND: Final = _SUM_SPEND.format(scope="team_id")
 _SQL_SUM_KEY_SPEND: Final = _SUM_SPEND.format(scope="key_id")
+# The same sums with the snapshot of the statement that read them (a rebuilt counter keeps it).
+_SUM_SPEND_AS_OF: Final = _SUM_SPEND.replace(
+    "SELECT COALESCE(SUM(cost), 0)", "SELECT COALESCE(SUM(cost), 0), pg_current_snapshot()::text"
+)
+_SQL_SUM_TEAM_SPEND_AS_OF: Final = _SUM_SPEND_AS_OF.format(scope="team_id")
+_SQL_SUM_KEY_SPEND_AS_OF: Final = _SUM_SPEND_AS_OF.format(scope="key_id")
+
+# --- Listings (issue 6) ----------------------------------------------------------------
+_SQL_LIST_KEYS: Final = (
+    f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE ($1 = '' OR team_id = $1) AND key_id > $2"
+    " AND ($3 OR revoked_at IS NULL) ORDER BY key_id LIMIT $4"
+)
 
 
 @asynccontextmanager
-async def _driver_errors() -> AsyncIterator[None]:
-    """Translate connection-level driver failures into Unavailable (the one place that does)."""
+async def _driver_errors(
+    error: type[Unavailable] = RecordsUnavailable,
+) -> AsyncIterator[None]:
+    """Translate connection-level driver failures into ``error`` (the one place that does).
+
+    The record store reports :class:`RecordsUnavailable` (the source of truth is down, which
+    the decision path may ride out); the Postgres counter store passes plain Unavailable.
+    """
     try:
         yield
     except _UNAVAILABLE_ERRORS as exc:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise Unavailable(f"postgres unavailable: {detail}") from exc
+        raise error(f"postgres unavailable: {detail}") from exc
 
 
 def _load_migrations() -> list[tuple[int, str]]:
@@ -242,7 +271,9 @@ class PostgresRecords:
         """A pooled connection, with driver failures reported as Unavailable."""
         async with _driver_errors():
             if self._pool is None:
-                raise Unavailable("postgres unavailable: the record store is not started or closed")
+                raise RecordsUnavailable(
+                    "postgres unavailable: the record store is not started or closed"
+                )
             # A bounded wait: a saturated pool is reported as unavailable, not queued forever.
             async with self._pool.acquire(timeout=self._command_timeout) as conn:
                 yield conn
@@ -329,10 +360,16 @@ class PostgresRecords:
             except pg_errors.CheckViolationError as exc:
                 raise InvalidArgument(f"cost must not be negative, got {entry.cost_nanos}") from exc
             if row is not None:
-                return LedgerInsert(inserted=True, entry=_ledger_from_row(row))
+                return LedgerInsert(True, _ledger_from_row(row), row["xact"])
             # The ledger is append-only, so the conflicting row is still there.
-            existing = await conn.fetchrow(_SQL_GET_SPEND, entry.request_id)
-        return LedgerInsert(inserted=False, entry=_ledger_from_row(_returned(existing)))
+            existing = _returned(await conn.fetchrow(_SQL_GET_SPEND, entry.request_id))
+        return LedgerInsert(False, _ledger_from_row(existing), existing["xact"])
+
+    async def get_spend(self, request_id: str) -> LedgerInsert | None:
+        """The ledger row of ``request_id`` and the transaction that wrote it, or None."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_SQL_GET_SPEND, request_id)
+        return None if row is None else LedgerInsert(False, _ledger_from_row(row), row["xact"])
 
     async def sum_spend(
         self, kind: ScopeKind, scope_id: str, start: float, end: float | None
@@ -343,6 +380,35 @@ class PostgresRecords:
         async with self._connection() as conn:
             total = await conn.fetchval(query, scope_id, *bounds)
         return decimal_to_nanos(total)
+
+    async def sum_spend_as_of(
+        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+    ) -> SpendSum:
+        """:meth:`sum_spend` and the snapshot of the statement that summed (one round trip)."""
+        query = _SQL_SUM_TEAM_SPEND_AS_OF if kind is ScopeKind.TEAM else _SQL_SUM_KEY_SPEND_AS_OF
+        bounds = (_to_timestamp(start), _or_none(_to_timestamp, end))
+        async with self._connection() as conn:
+            row = _returned(await conn.fetchrow(query, scope_id, *bounds))
+        return SpendSum(decimal_to_nanos(row[0]), row[1])
+
+    # -- listings and reports (issue 6) ------------------------------------------------------
+
+    async def list_keys(
+        self, team_id: str, after_key_id: str, limit: int, *, include_revoked: bool = False
+    ) -> list[KeyRecord]:
+        """Up to ``limit`` keys ordered by key_id after ``after_key_id`` ("" team: all)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_SQL_LIST_KEYS, team_id, after_key_id, include_revoked, limit)
+        return [_key_from_row(row) for row in rows]
+
+    async def spend_report(self, query: SpendQuery) -> list[SpendRow]:
+        """Exact ledger sums over ``[query.start, query.end)`` per group (see RecordStore)."""
+        sql, params = spend_report_sql(
+            POSTGRES, query, _to_timestamp(query.start), _to_timestamp(query.end)
+        )
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *params)
+        return [spend_row(tuple(row), decimal_to_nanos(row["spend"])) for row in rows]
 
 
 def _returned(row: asyncpg.Record | None) -> asyncpg.Record:

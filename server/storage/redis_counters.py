@@ -5,29 +5,19 @@ written at the top of each), so a decision is one atomic step however many repli
 The semantics are those of :mod:`server.storage.memory_counters`, and the same contract
 tests run against both.
 
-Key layout (``P`` is the prefix, ``T`` the team id percent-encoded so it cannot break out of
-its hash tag):
-
-* ``P:{t:T}:c:<counter_id>`` — hash ``{spend, held}`` in nano-USD, expiring after its
-  window's end plus a grace period (no TTL for all-time counters);
-* ``P:{t:T}:holds``   — hash ``reservation_id -> JSON [amount, counter key, ...]``;
-* ``P:{t:T}:holdexp`` — zset ``reservation_id -> hold expiry`` (Unix seconds);
-* ``P:{t:T}:done:<request_id>`` — settle dedupe marker, expiring after ``dedupe_ttl``.
-
-Every key of a team carries the hash tag ``{t:T}``, so all keys one script touches share a
-slot and the scripts run unchanged on Redis Cluster. Time always comes from the caller's
-``now``, never from Redis ``TIME``; only the TTLs of counters and dedupe markers run on
-Redis's own clock.
+The keys (one hash tag per team, so the scripts run unchanged on Redis Cluster) are laid out
+in :mod:`server.storage.redis_keys`. Time always comes from the caller's ``now``, never from
+Redis ``TIME``; only the TTLs of counters, dedupe markers and parked costs run on Redis's own
+clock.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from typing import Any
-from urllib.parse import quote
 
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -49,11 +39,13 @@ from server.storage.base import (
 )
 from server.storage.memory_counters import (
     PURGE_LIMIT,
+    RECOVERY_CLAIM_SECONDS,
     check_nanos,
     check_scopes,
     counter_ttl,
     dedupe_seconds,
 )
+from server.storage.redis_keys import TeamKeys, delete_matching
 
 # A decision must not hang on a dead Redis: fail fast into Unavailable.
 _SOCKET_TIMEOUT = 2.0
@@ -61,8 +53,8 @@ _SOCKET_TIMEOUT = 2.0
 # 2-core budgetd saturated.
 _MAX_CONNECTIONS = 64
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-# Scripts that release holds get the shared helpers prepended; init needs none of them.
-_SCRIPTS = {"reserve": True, "settle": True, "release": True, "init": False}
+# Scripts that get the shared helpers (common.lua) prepended.
+_SCRIPTS = {"reserve": True, "settle": True, "release": True, "init": True, "begin": True}
 # What an outage looks like from redis-py; anything else (a script error) is a bug and
 # propagates as is.
 _OUTAGES: tuple[type[BaseException], ...] = (
@@ -90,7 +82,10 @@ def _script_source(name: str, with_helpers: bool) -> str:
     if not with_helpers:
         return body
     helpers = (lua / "common.lua").read_text(encoding="utf-8")
-    return f"local PURGE_LIMIT = {PURGE_LIMIT}\n{helpers}\n{body}"
+    constants = (
+        f"local PURGE_LIMIT = {PURGE_LIMIT}\nlocal RECOVERY_CLAIM = {RECOVERY_CLAIM_SECONDS}"
+    )
+    return f"{constants}\n{helpers}\n{body}"
 
 
 def _split_url(url: str, cluster: bool | None) -> tuple[str, bool]:
@@ -128,29 +123,6 @@ def _present(flat: Sequence[str | None]) -> tuple[CounterState, ...]:
     if len(present) != len(states):
         raise RuntimeError("reserve.lua returned a missing counter in a decision")
     return present
-
-
-class _TeamKeys:
-    """The keys of one team, all under the team's hash tag."""
-
-    __slots__ = ("base",)
-
-    def __init__(self, prefix: str, team_id: str) -> None:
-        self.base = f"{prefix}:{{t:{quote(team_id, safe='')}}}"
-
-    @property
-    def holds(self) -> str:
-        return f"{self.base}:holds"
-
-    @property
-    def hold_expiry(self) -> str:
-        return f"{self.base}:holdexp"
-
-    def counter(self, scope: ScopeBudget) -> str:
-        return f"{self.base}:c:{scope.counter_id}"
-
-    def done(self, request_id: str) -> str:
-        return f"{self.base}:done:{request_id}"
 
 
 class RedisCounters:
@@ -233,10 +205,15 @@ class RedisCounters:
         check_scopes(scopes)
         if amount > 0 and not reservation_id:
             raise ValueError("a hold needs a reservation_id")
-        keys = _TeamKeys(self._prefix, team_id)
+        keys = TeamKeys(self._prefix, team_id)
         reply = await self._run(
             "reserve",
-            [keys.holds, keys.hold_expiry, *(keys.counter(scope) for scope in scopes)],
+            [
+                keys.holds,
+                keys.hold_expiry,
+                keys.inflight,
+                *(keys.counter(scope) for scope in scopes),
+            ],
             [
                 _seconds(now),
                 Enforcement(mode).value,
@@ -247,25 +224,39 @@ class RedisCounters:
             ],
         )
         status = ReserveStatus(reply[0])
+        unsettled = tuple(reply[-1])
         if status is ReserveStatus.MISSING:
-            return ReserveResult(status, missing=tuple(int(i) for i in reply[1]))
+            missing = tuple(int(i) for i in reply[1])
+            return ReserveResult(status, missing=missing, unsettled=unsettled)
         if status is ReserveStatus.DENIED:
-            return ReserveResult(status, states=_present(reply[2]), denied_index=int(reply[1]))
-        return ReserveResult(status, states=_present(reply[1]))
+            return ReserveResult(status, _present(reply[2]), int(reply[1]), unsettled=unsettled)
+        return ReserveResult(status, states=_present(reply[1]), unsettled=unsettled)
 
     async def init(
-        self, team_id: str, counters: Sequence[tuple[ScopeBudget, int]], now: float
+        self,
+        team_id: str,
+        counters: Sequence[tuple[ScopeBudget, int]],
+        now: float,
+        *,
+        snapshots: Sequence[str | None] = (),
     ) -> None:
-        """Create missing counters with the given ledger spend; existing ones are left alone."""
+        """Create missing counters with the given ledger spend; existing ones are left alone.
+
+        A new counter remembers the ledger snapshot its spend was summed in, and takes in
+        the costs parked while it was missing whose rows that snapshot did not see.
+        """
         if not counters:
             return
-        keys = _TeamKeys(self._prefix, team_id)
+        keys = TeamKeys(self._prefix, team_id)
+        names: list[str] = []
         args: list[str] = []
-        for scope, spend in counters:
+        for index, (scope, spend) in enumerate(counters):
             check_nanos("spend", spend)
             ttl = counter_ttl(scope.window, now)
-            args += [str(spend), "0" if ttl is None else str(ttl)]
-        await self._run("init", [keys.counter(scope) for scope, _ in counters], args)
+            snapshot = snapshots[index] if index < len(snapshots) else None
+            names += [keys.counter(scope), keys.parked(scope)]
+            args += [str(spend), "0" if ttl is None else str(ttl), snapshot or ""]
+        await self._run("init", names, args)
 
     async def settle(
         self,
@@ -276,27 +267,67 @@ class RedisCounters:
         request_id: str,
         now: float,
         dedupe_ttl: float,
+        *,
+        xact: int | None = None,
     ) -> SettleResult:
         """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
 
         Applied once per ``request_id`` within ``dedupe_ttl`` seconds; a repeat changes
-        nothing and returns ``applied=False`` with the current counters.
+        nothing and returns ``applied=False`` with the current counters. A counter whose
+        snapshot saw ledger transaction ``xact`` is not added to; for a missing counter the
+        cost is parked for the init that recreates it.
         """
         check_nanos("cost", cost)
         if not request_id:
             raise ValueError("settle needs a request_id")
-        keys = _TeamKeys(self._prefix, team_id)
+        if xact is not None and xact < 0:
+            raise ValueError(f"xact must not be negative, got {xact}")
+        keys = TeamKeys(self._prefix, team_id)
         reply = await self._run(
             "settle",
             [
                 keys.holds,
                 keys.hold_expiry,
                 keys.done(request_id),
+                keys.inflight,
                 *(keys.counter(scope) for scope in scopes),
+                *(keys.parked(scope) for scope in scopes),
             ],
-            [_seconds(now), reservation_id, str(cost), str(dedupe_seconds(dedupe_ttl))],
+            [
+                _seconds(now),
+                reservation_id,
+                str(cost),
+                str(dedupe_seconds(dedupe_ttl)),
+                "" if xact is None else str(xact),
+                request_id,
+            ],
         )
-        return SettleResult(bool(int(reply[0])), _states(reply[1]))
+        return SettleResult(bool(int(reply[0])), _states(reply[1]), tuple(reply[2]))
+
+    async def begin_settle(
+        self,
+        team_id: str,
+        scopes: Sequence[ScopeBudget],
+        request_id: str,
+        now: float,
+        grace: float,
+    ) -> tuple[CounterState | None, ...]:
+        """``read``, and journal ``request_id`` until its settle (one script, one round trip)."""
+        if not request_id:
+            raise ValueError("begin_settle needs a request_id")
+        keys = TeamKeys(self._prefix, team_id)
+        reply = await self._run(
+            "begin",
+            [keys.inflight, *(keys.counter(scope) for scope in scopes)],
+            [request_id, _seconds(now + grace)],
+        )
+        return _states(reply)
+
+    async def abandon_settle(self, team_id: str, request_id: str, now: float) -> None:
+        """Forget an announced request that never reached the ledger."""
+        client = self._require_client()
+        with _unavailable():
+            await client.zrem(TeamKeys(self._prefix, team_id).inflight, request_id)
 
     async def read(
         self, team_id: str, scopes: Sequence[ScopeBudget], now: float
@@ -308,7 +339,7 @@ class RedisCounters:
         """
         if not scopes:
             return ()
-        keys = _TeamKeys(self._prefix, team_id)
+        keys = TeamKeys(self._prefix, team_id)
         client = self._require_client()
         with _unavailable():
             # One round trip; every key shares the team's slot, so a cluster pipeline too
@@ -321,11 +352,37 @@ class RedisCounters:
 
     async def release(self, team_id: str, reservation_id: str, now: float) -> bool:
         """Drop a hold without spending; False when there was none (or it had expired)."""
-        keys = _TeamKeys(self._prefix, team_id)
+        keys = TeamKeys(self._prefix, team_id)
         reply = await self._run(
             "release", [keys.holds, keys.hold_expiry], [_seconds(now), reservation_id]
         )
         return bool(int(reply))
+
+    async def ping(self) -> None:
+        """One PING (every primary of a cluster); raises Unavailable when Redis does not answer."""
+        client = self._require_client()
+        with _unavailable():
+            if isinstance(client, RedisCluster):
+                await client.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await client.ping()
+
+    async def forget_teams(self, team_ids: Iterable[str]) -> int:
+        """Delete the counters, holds and parked costs of these teams; returns keys deleted.
+
+        For a replica that served these teams without Redis (their spend went to the ledger
+        only): their counters are then missing and are rebuilt from the ledger by setting.
+        Each team's keys share a hash tag, so on a cluster they are on one node: the SCAN
+        runs there.
+        """
+        client = self._require_client()
+        deleted = 0
+        with _unavailable():
+            for team_id in team_ids:
+                keys = TeamKeys(self._prefix, team_id)
+                for pattern in keys.decision_state:
+                    deleted += await delete_matching(client, keys.base, pattern)
+        return deleted
 
     def _require_client(self) -> Redis | RedisCluster:
         if self._client is None:

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from server.errors import AlreadyExists, NotFound, Unavailable
-from server.storage.base import KeyRecord, LedgerEntry, LedgerInsert, ScopeKind, TeamRecord
+from server.storage.base import (
+    KeyRecord,
+    LedgerEntry,
+    LedgerInsert,
+    ScopeKind,
+    SpendQuery,
+    SpendRow,
+    SpendSum,
+    TeamRecord,
+)
+from server.storage.spend_sql import SQLITE, local_day, spend_report_sql, spend_row
 
 T = TypeVar("T")
 
@@ -182,6 +192,15 @@ class SqliteRecords:
 
         return await self._run_conn(op)
 
+    async def get_spend(self, request_id: str) -> LedgerInsert | None:
+        def op(conn: sqlite3.Connection) -> LedgerInsert | None:
+            row = conn.execute(
+                f"SELECT {_LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return None if row is None else LedgerInsert(False, _ledger(row))
+
+        return await self._run_conn(op)
+
     async def sum_spend(
         self, kind: ScopeKind, scope_id: str, start: float, end: float | None
     ) -> int:
@@ -194,6 +213,40 @@ class SqliteRecords:
                 (scope_id, start, float("inf") if end is None else end),
             ).fetchone()
             return int(row[0])
+
+        return await self._run_conn(op)
+
+    async def sum_spend_as_of(
+        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+    ) -> SpendSum:
+        """:meth:`sum_spend`; no snapshot: one process, whose counters cannot vanish under it."""
+        return SpendSum(await self.sum_spend(kind, scope_id, start, end))
+
+    # -- listings and reports (issue 6) ------------------------------------------------------
+
+    async def list_keys(
+        self, team_id: str, after_key_id: str, limit: int, *, include_revoked: bool = False
+    ) -> list[KeyRecord]:
+        """Up to ``limit`` keys ordered by key_id after ``after_key_id`` ("" team: all)."""
+
+        def op(conn: sqlite3.Connection) -> list[KeyRecord]:
+            rows = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE (? = '' OR team_id = ?)"
+                " AND key_id > ? AND (? OR revoked_at IS NULL) ORDER BY key_id LIMIT ?",
+                (team_id, team_id, after_key_id, include_revoked, limit),
+            ).fetchall()
+            return [_key(row) for row in rows]
+
+        return await self._run_conn(op)
+
+    async def spend_report(self, query: SpendQuery) -> list[SpendRow]:
+        """Exact ledger sums over ``[query.start, query.end)`` per group (see RecordStore)."""
+        sql, params = spend_report_sql(SQLITE, query, query.start, query.end)
+
+        def op(conn: sqlite3.Connection) -> list[SpendRow]:
+            # Registered per call: cheap, and it keeps the connection's setup untouched.
+            conn.create_function("budgetd_local_day", 2, local_day, deterministic=True)
+            return [spend_row(row, int(row[0])) for row in conn.execute(sql, params)]
 
         return await self._run_conn(op)
 

@@ -1,5 +1,5 @@
--- Helpers shared by reserve.lua, settle.lua and release.lua. redis_counters.py prepends this
--- file (after a line defining PURGE_LIMIT, so Python and Lua share one bound) to each script.
+-- Helpers shared by the scripts. redis_counters.py prepends this file (after lines defining
+-- PURGE_LIMIT and RECOVERY_CLAIM, so Python and Lua share one value of each) to each script.
 --
 -- Money stays exact. Lua 5.1 numbers are doubles, exact only for integers below 2^53 nano
 -- (about 9 million USD), while a counter may legitimately reach ~1e18 nano. So:
@@ -93,13 +93,55 @@ local function purge(holds_key, expiry_key, now)
   end
 end
 
--- spend1, held1, spend2, held2, ... of KEYS[first..]; false (nil in the reply) where missing.
-local function read_states(first)
+-- spend1, held1, spend2, held2, ... of KEYS[first..last] (last defaults to #KEYS); false
+-- (nil in the reply) where missing.
+local function read_states(first, last)
   local out = {}
-  for i = first, #KEYS do
+  for i = first, last or #KEYS do
     local row = redis.call('HMGET', KEYS[i], 'spend', 'held')
     out[#out + 1] = row[1]
     out[#out + 1] = row[2]
   end
   return out
+end
+
+-- a < b for non-negative decimal integer strings without leading zeros (exact at any size).
+local function dec_lt(a, b)
+  if #a ~= #b then
+    return #a < #b
+  end
+  return a < b
+end
+
+-- server.storage.snapshots.visible, line for line: is ledger transaction `xact` (a decimal
+-- string, '' = unknown) visible in the Postgres snapshot `snap` ('xmin:xmax:xip1,xip2,...';
+-- false or '' = none), i.e. was its row already in the sum the counter was built from?
+local function visible(xact, snap)
+  if xact == '' or not snap or snap == '' then
+    return false
+  end
+  local xmin, xmax, xip = string.match(snap, '^(%d+):(%d+):(.*)$')
+  if dec_lt(xact, xmin) then
+    return true
+  end
+  if not dec_lt(xact, xmax) then
+    return false
+  end
+  for x in string.gmatch(xip, '%d+') do
+    if x == xact then
+      return false
+    end
+  end
+  return true
+end
+
+-- Request ids announced by begin.lua whose settle is overdue (their budgetd died between
+-- the ledger commit and the settle?), at most PURGE_LIMIT. Each is claimed for
+-- RECOVERY_CLAIM seconds, so one caller at a time settles it from the ledger.
+local function claim_unsettled(inflight_key, now)
+  local due = redis.call('ZRANGEBYSCORE', inflight_key, '-inf', now, 'LIMIT', 0, PURGE_LIMIT)
+  for _, rid in ipairs(due) do
+    redis.call('ZADD', inflight_key, tonumber(now) + RECOVERY_CLAIM, rid)
+  end
+  return due
 end

@@ -1,18 +1,36 @@
 -- init: create missing counters from the ledger's spend; existing counters are left alone, so
 -- a rebuild racing with live traffic (or a second rebuild) never adds to a counter.
 --
--- KEYS[i]      counter hash {spend, held}
--- ARGV[2i-1]   its spend (integer nano-USD, decimal)
--- ARGV[2i]     its TTL in whole seconds; "0" = keep forever (an all-time budget)
+-- KEYS[2i-1]   counter hash {spend, held, snap}
+-- KEYS[2i]     its parked set: "xact:cost" of settles that found the counter missing
+-- ARGV[3i-2]   its spend (integer nano-USD, decimal)
+-- ARGV[3i-1]   its TTL in whole seconds; "0" = keep forever (an all-time budget)
+-- ARGV[3i]     the ledger snapshot the spend was summed in ("" = none)
+--
+-- A counter created here also takes in the parked costs whose ledger rows its snapshot did
+-- not see (their settle came before the counter, their commit after the sum), and only
+-- those: a row the snapshot saw is in the spend already.
 --
 -- Returns the number of counters created.
 
 local created = 0
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('HSET', KEYS[i], 'spend', ARGV[2 * i - 1], 'held', '0')
-    if ARGV[2 * i] ~= '0' then
-      redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
+for i = 1, #KEYS / 2 do
+  local counter, parked = KEYS[2 * i - 1], KEYS[2 * i]
+  local spend, ttl, snap = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if redis.call('EXISTS', counter) == 0 then
+    redis.call('HSET', counter, 'spend', spend, 'held', '0')
+    if snap ~= '' then
+      redis.call('HSET', counter, 'snap', snap)
+    end
+    for _, member in ipairs(redis.call('SMEMBERS', parked)) do
+      local xact, cost = string.match(member, '^(%d+):(%d+)$')
+      if not visible(xact, snap) then
+        redis.call('HINCRBY', counter, 'spend', cost)
+      end
+    end
+    redis.call('DEL', parked)
+    if ttl ~= '0' then
+      redis.call('EXPIRE', counter, ttl)
     end
     created = created + 1
   end

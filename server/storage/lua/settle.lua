@@ -1,28 +1,45 @@
 -- settle: once per request id, release the reservation's hold and add the cost to each scope.
 --
--- KEYS[1]     holds hash:  reservation id -> JSON [amount, counter key, counter key, ...]
--- KEYS[2]     hold expiry zset: reservation id -> expiry (Unix seconds)
--- KEYS[3]     dedupe marker of the request id
--- KEYS[4..]   one counter hash {spend, held} per scope, in scope order
--- ARGV[1]     now (Unix seconds)
--- ARGV[2]     reservation id ("" = no hold to release)
--- ARGV[3]     cost (integer nano-USD, decimal)
--- ARGV[4]     dedupe marker TTL (whole seconds, >= 1)
+-- KEYS[1]         holds hash:  reservation id -> JSON [amount, counter key, counter key, ...]
+-- KEYS[2]         hold expiry zset: reservation id -> expiry (Unix seconds)
+-- KEYS[3]         dedupe marker of the request id
+-- KEYS[4]         in-flight settles zset: request id -> deadline (see begin.lua)
+-- KEYS[5..4+n]    one counter hash {spend, held, snap} per scope, in scope order
+-- KEYS[5+n..4+2n] each counter's parked set, in the same order
+-- ARGV[1]         now (Unix seconds)
+-- ARGV[2]         reservation id ("" = no hold to release)
+-- ARGV[3]         cost (integer nano-USD, decimal)
+-- ARGV[4]         dedupe marker TTL (whole seconds, >= 1), also the parked sets' TTL
+-- ARGV[5]         the ledger transaction that wrote this spend ("" = unknown)
+-- ARGV[6]         request id
 --
--- Returns {applied (1 | 0), states}: states = spend1, held1, ... as decimal strings, nil
--- where the counter is missing (skipped: its spend is in the ledger and returns on rebuild).
+-- A counter whose snapshot already saw the transaction is not added to (its rebuild summed
+-- the row). A missing counter is skipped; with a known transaction the cost is parked for the
+-- init that recreates it, which adds it unless its own snapshot saw the row.
+--
+-- Returns {applied (1 | 0), states, unsettled}: states = spend1, held1, ... as decimal
+-- strings, nil where the counter is missing; unsettled = overdue request ids now claimed.
 
+local n = (#KEYS - 4) / 2
+local xact, cost = ARGV[5], ARGV[3]
 purge(KEYS[1], KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[6])
+local unsettled = claim_unsettled(KEYS[4], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {0, read_states(4)}
+  return {0, read_states(5, 4 + n), unsettled}
 end
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
 if ARGV[2] ~= '' then
   release_hold(KEYS[1], KEYS[2], ARGV[2])
 end
-for i = 4, #KEYS do
+for i = 5, 4 + n do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'spend', ARGV[3])
+    if not visible(xact, redis.call('HGET', KEYS[i], 'snap')) then
+      redis.call('HINCRBY', KEYS[i], 'spend', cost)
+    end
+  elseif xact ~= '' then
+    redis.call('SADD', KEYS[i + n], xact .. ':' .. cost)
+    redis.call('EXPIRE', KEYS[i + n], ARGV[4])
   end
 end
-return {1, read_states(4)}
+return {1, read_states(5, 4 + n), unsettled}

@@ -75,6 +75,30 @@ SCOPE_TEAM: Scope.ValueType  # 2
 SCOPE_TEAM_MEMBER: Scope.ValueType  # 3
 Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
+class _SpendGroup:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SpendGroupEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SpendGroup.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SPEND_GROUP_UNSPECIFIED: _SpendGroup.ValueType  # 0
+    SPEND_GROUP_TEAM: _SpendGroup.ValueType  # 1
+    SPEND_GROUP_KEY: _SpendGroup.ValueType  # 2
+    SPEND_GROUP_MODEL: _SpendGroup.ValueType  # 3
+    SPEND_GROUP_DAY: _SpendGroup.ValueType  # 4
+    """The calendar day (in budgetd.timezone) on which the request was admitted."""
+
+class SpendGroup(_SpendGroup, metaclass=_SpendGroupEnumTypeWrapper):
+    """A dimension of a spend report."""
+
+SPEND_GROUP_UNSPECIFIED: SpendGroup.ValueType  # 0
+SPEND_GROUP_TEAM: SpendGroup.ValueType  # 1
+SPEND_GROUP_KEY: SpendGroup.ValueType  # 2
+SPEND_GROUP_MODEL: SpendGroup.ValueType  # 3
+SPEND_GROUP_DAY: SpendGroup.ValueType  # 4
+"""The calendar day (in budgetd.timezone) on which the request was admitted."""
+Global___SpendGroup: _TypeAlias = SpendGroup  # noqa: Y015
+
 @_typing.final
 class CheckBudgetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -752,3 +776,197 @@ class RevokeKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_lookup) -> _WhichOneofReturnType_lookup | None: ...
 
 Global___RevokeKeyRequest: _TypeAlias = RevokeKeyRequest  # noqa: Y015
+
+@_typing.final
+class ListKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    team_id: _builtins.str
+    """Only this team's keys; empty for every team."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    include_revoked: _builtins.bool
+    """Also list revoked keys."""
+    def __init__(
+        self,
+        *,
+        team_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "page_size", b"page_size", "page_token", b"page_token", "team_id", b"team_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysRequest: _TypeAlias = ListKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Key]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___Key] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetSpendRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    start_date: _builtins.str
+    """First and last day of the report, YYYY-MM-DD, both included, in budgetd.timezone.
+    Empty end_date: today; empty start_date: 29 days before end_date.
+    """
+    end_date: _builtins.str
+    team_id: _builtins.str
+    """Filters; empty means all."""
+    key_id: _builtins.str
+    key: _builtins.str
+    """A plaintext key (hashed before lookup, never stored)."""
+    model: _builtins.str
+    limit: _builtins.int
+    """Most rows returned (default 1000, at most 10000); see truncated."""
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___SpendGroup.ValueType]:
+        """One row per distinct combination; none: a single total row."""
+
+    def __init__(
+        self,
+        *,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        group_by: _abc.Iterable[Global___SpendGroup.ValueType] | None = ...,
+        team_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        key: _builtins.str = ...,
+        model: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_filter", b"key_filter", "key_id", b"key_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "group_by", b"group_by", "key", b"key", "key_filter", b"key_filter", "key_id", b"key_id", "limit", b"limit", "model", b"model", "start_date", b"start_date", "team_id", b"team_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_key_filter: _TypeAlias = _typing.Literal["key_id", "key"]  # noqa: Y015
+    _WhichOneofArgType_key_filter: _TypeAlias = _typing.Literal["key_filter", b"key_filter"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_key_filter) -> _WhichOneofReturnType_key_filter | None: ...
+
+Global___GetSpendRequest: _TypeAlias = GetSpendRequest  # noqa: Y015
+
+@_typing.final
+class SpendRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    TEAM_ALIAS_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_ALIAS_FIELD_NUMBER: _builtins.int
+    HASHED_API_KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """Dimensions not grouped by are empty."""
+    team_id: _builtins.str
+    team_alias: _builtins.str
+    key_id: _builtins.str
+    key_alias: _builtins.str
+    hashed_api_key: _builtins.str
+    """SHA-256 hex of the key: LiteLLM's hashed api_key."""
+    model: _builtins.str
+    spend: _builtins.float
+    """USD, summed exactly in the ledger."""
+    requests: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        team_id: _builtins.str = ...,
+        team_alias: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        key_alias: _builtins.str = ...,
+        hashed_api_key: _builtins.str = ...,
+        model: _builtins.str = ...,
+        spend: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "day", b"day", "hashed_api_key", b"hashed_api_key", "key_alias", b"key_alias", "key_id", b"key_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "spend", b"spend", "team_alias", b"team_alias", "team_id", b"team_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendRow: _TypeAlias = SpendRow  # noqa: Y015
+
+@_typing.final
+class GetSpendResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTAL_SPEND_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    total_spend: _builtins.float
+    """Spend of everything the filters select in the range (all rows, even when truncated)."""
+    truncated: _builtins.bool
+    """More rows matched than limit: narrow the range, the filters or the grouping."""
+    start_date: _builtins.str
+    """The range used (after defaults) and the time zone its days are in."""
+    end_date: _builtins.str
+    timezone: _builtins.str
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpendRow]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___SpendRow] | None = ...,
+        total_spend: _builtins.float = ...,
+        truncated: _builtins.bool = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "rows", b"rows", "start_date", b"start_date", "timezone", b"timezone", "total_spend", b"total_spend", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSpendResponse: _TypeAlias = GetSpendResponse  # noqa: Y015

@@ -82,6 +82,16 @@ class BudgetAuthorityStub:
                 request_serializer=budgetd_dot_v1_dot_budgetd__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.Key.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/ListKeys',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.GetSpend = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/GetSpend',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetAuthorityServicer:
@@ -147,6 +157,20 @@ class BudgetAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """Keys ordered by key_id, optionally of one team (never their plaintext).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSpend(self, request, context):
+        """Spend from the ledger over a date range, grouped by team, key, model and/or day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +218,16 @@ def add_BudgetAuthorityServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.RevokeKeyRequest.FromString,
                     response_serializer=budgetd_dot_v1_dot_budgetd__pb2.Key.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.ListKeysRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'GetSpend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpend,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +476,60 @@ class BudgetAuthority:
             '/budgetd.v1.BudgetAuthority/RevokeKey',
             budgetd_dot_v1_dot_budgetd__pb2.RevokeKeyRequest.SerializeToString,
             budgetd_dot_v1_dot_budgetd__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/ListKeys',
+            budgetd_dot_v1_dot_budgetd__pb2.ListKeysRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSpend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/GetSpend',
+            budgetd_dot_v1_dot_budgetd__pb2.GetSpendRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.GetSpendResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class BudgetAuthorityStub:
     """Issue an API key for a team. The plaintext key is in this answer only."""
     GetKey: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetKeyRequest, _budgetd_pb2.Key]
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.RevokeKeyRequest, _budgetd_pb2.Key]
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.ListKeysRequest, _budgetd_pb2.ListKeysResponse]
+    """Keys ordered by key_id, optionally of one team (never their plaintext)."""
+    GetSpend: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetSpendRequest, _budgetd_pb2.GetSpendResponse]
+    """Spend from the ledger over a date range, grouped by team, key, model and/or day."""
 
 @_typing.type_check_only
 class BudgetAuthorityAsyncStub(BudgetAuthorityStub):
@@ -73,6 +77,10 @@ class BudgetAuthorityAsyncStub(BudgetAuthorityStub):
     """Issue an API key for a team. The plaintext key is in this answer only."""
     GetKey: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetKeyRequest, _budgetd_pb2.Key]  # type: ignore[assignment]
     RevokeKey: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.RevokeKeyRequest, _budgetd_pb2.Key]  # type: ignore[assignment]
+    ListKeys: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.ListKeysRequest, _budgetd_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """Keys ordered by key_id, optionally of one team (never their plaintext)."""
+    GetSpend: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetSpendRequest, _budgetd_pb2.GetSpendResponse]  # type: ignore[assignment]
+    """Spend from the ledger over a date range, grouped by team, key, model and/or day."""
 
 class BudgetAuthorityServicer(metaclass=_abc_1.ABCMeta):
     """BudgetAuthority decides whether an API key (and its team) may spend, and records
@@ -145,5 +153,21 @@ class BudgetAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _budgetd_pb2.RevokeKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budgetd_pb2.Key, _abc.Awaitable[_budgetd_pb2.Key]]: ...
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _budgetd_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.ListKeysResponse, _abc.Awaitable[_budgetd_pb2.ListKeysResponse]]:
+        """Keys ordered by key_id, optionally of one team (never their plaintext)."""
+
+    @_abc_1.abstractmethod
+    def GetSpend(
+        self,
+        request: _budgetd_pb2.GetSpendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.GetSpendResponse, _abc.Awaitable[_budgetd_pb2.GetSpendResponse]]:
+        """Spend from the ledger over a date range, grouped by team, key, model and/or day."""
 
 def add_BudgetAuthorityServicer_to_server(servicer: BudgetAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

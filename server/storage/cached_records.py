@@ -1,0 +1,211 @@
+"""A record store wrapper that caches keys and teams, and rides out a record-store outage.
+
+Every decision reads its key and team. :class:`CachedRecords` keeps the answers of
+``get_key_by_hash``, ``get_key`` and ``get_team`` in a bounded LRU cache in this process:
+
+* an entry younger than ``ttl`` seconds (``budgetd.record_cache_ttl``, default 5 s) is served
+  without asking Postgres. So a change made through *another* replica (a revoked key, a new
+  budget, a blocked team) reaches this one within ``ttl`` seconds; a change made through
+  this replica applies here at once, since writes go through and refresh their entries;
+* an older entry is refreshed from the store, and served as it is (whatever its age) only
+  when the store is down (:class:`~server.errors.RecordsUnavailable`) and ``serve_stale``
+  is set (``budgetd.postgres_down: spool``), so known keys keep being decided from Redis
+  while Postgres is down. A key or team never seen by this process cannot be resolved then:
+  the call fails with UNAVAILABLE, never with an allow.
+
+Everything else (the ledger, sums, listings, writes) goes straight to the wrapped store.
+Entries are also evicted least-recently-used beyond ``capacity``. A read that started
+before a write to the same entry never overwrites what the write stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from server.errors import RecordsUnavailable
+from server.storage.base import (
+    KeyRecord,
+    LedgerEntry,
+    LedgerInsert,
+    RecordStore,
+    ScopeKind,
+    SpendQuery,
+    SpendRow,
+    SpendSum,
+    TeamRecord,
+)
+
+log = logging.getLogger("budgetd.records")
+
+DEFAULT_CAPACITY: Final = 100_000
+T = TypeVar("T")
+
+_TEAM: Final = "team"
+_KEY: Final = "key"
+_HASH: Final = "hash"
+Slot = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    value: KeyRecord | TeamRecord | None
+    fetched_at: float
+    version: int  # the write sequence number when the read began (or of the write)
+
+
+class CachedRecords:
+    """A :class:`~server.storage.base.RecordStore` with cached key and team reads."""
+
+    def __init__(
+        self,
+        inner: RecordStore,
+        *,
+        ttl: float,
+        serve_stale: bool,
+        capacity: int = DEFAULT_CAPACITY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl < 0 or capacity < 1:
+            raise ValueError("ttl must be >= 0 and capacity >= 1")
+        self.inner = inner
+        self._ttl = ttl
+        self._serve_stale = serve_stale
+        self._capacity = capacity
+        self._clock = clock
+        self._entries: OrderedDict[Slot, _Entry] = OrderedDict()
+        self._writes = 0
+        self._stale = False  # serving stale entries right now (logged once per outage)
+
+    # -- cached reads ------------------------------------------------------------------------
+
+    async def get_team(self, team_id: str) -> TeamRecord | None:
+        found = await self._read((_TEAM, team_id), lambda: self.inner.get_team(team_id))
+        assert found is None or isinstance(found, TeamRecord)
+        return found
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        found = await self._read((_KEY, key_id), lambda: self.inner.get_key(key_id))
+        assert found is None or isinstance(found, KeyRecord)
+        return found
+
+    async def get_key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        found = await self._read((_HASH, key_hash), lambda: self.inner.get_key_by_hash(key_hash))
+        assert found is None or isinstance(found, KeyRecord)
+        return found
+
+    async def _read(
+        self, slot: Slot, fetch: Callable[[], Awaitable[KeyRecord | TeamRecord | None]]
+    ) -> KeyRecord | TeamRecord | None:
+        entry = self._entries.get(slot)
+        now = self._clock()
+        if entry is not None and now - entry.fetched_at < self._ttl:
+            self._entries.move_to_end(slot)
+            return entry.value
+        version = self._writes
+        try:
+            value = await fetch()
+        except RecordsUnavailable:
+            entry = self._entries.get(slot)  # a write may have refreshed it meanwhile
+            if entry is None or not self._serve_stale:
+                raise
+            if not self._stale:
+                self._stale = True
+                log.warning("the record store is down: deciding from cached keys and teams")
+            return entry.value
+        if self._stale:
+            self._stale = False
+            log.warning("the record store is back: cached keys and teams are refreshed again")
+        self._store(slot, value, now, version)
+        if isinstance(value, KeyRecord):  # one read fills both ways of finding the key
+            other = (_KEY, value.key_id) if slot[0] == _HASH else (_HASH, value.key_hash)
+            self._store(other, value, now, version)
+        return value
+
+    # -- writes: through to the store, then refresh this process's entries -----------------
+
+    async def create_team(self, team: TeamRecord) -> TeamRecord:
+        stored = await self.inner.create_team(team)
+        self._written((_TEAM, stored.team_id), stored)
+        return stored
+
+    async def update_team(self, team: TeamRecord) -> TeamRecord:
+        stored = await self.inner.update_team(team)
+        self._written((_TEAM, stored.team_id), stored)
+        return stored
+
+    async def insert_key(self, key: KeyRecord) -> KeyRecord:
+        stored = await self.inner.insert_key(key)
+        self._written_key(stored)
+        return stored
+
+    async def revoke_key(self, key_id: str, at: float) -> KeyRecord | None:
+        revoked = await self.inner.revoke_key(key_id, at)
+        if revoked is None:
+            self._written((_KEY, key_id), None)
+        else:
+            self._written_key(revoked)
+        return revoked
+
+    def _written_key(self, key: KeyRecord) -> None:
+        self._written((_KEY, key.key_id), key)
+        self._written((_HASH, key.key_hash), key)
+
+    def _written(self, slot: Slot, value: KeyRecord | TeamRecord | None) -> None:
+        self._writes += 1
+        self._store(slot, value, self._clock(), self._writes)
+
+    def _store(
+        self, slot: Slot, value: KeyRecord | TeamRecord | None, at: float, version: int
+    ) -> None:
+        current = self._entries.get(slot)
+        if current is not None and current.version > version:
+            return  # written after this read began: the write is newer
+        self._entries[slot] = _Entry(value, at, version)
+        self._entries.move_to_end(slot)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    # -- everything else goes straight through -------------------------------------------
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def instance_secret(self) -> bytes:
+        return await self.inner.instance_secret()
+
+    async def list_teams(self, after_team_id: str, limit: int) -> list[TeamRecord]:
+        return await self.inner.list_teams(after_team_id, limit)
+
+    async def insert_spend(self, entry: LedgerEntry) -> LedgerInsert:
+        return await self.inner.insert_spend(entry)
+
+    async def get_spend(self, request_id: str) -> LedgerInsert | None:
+        return await self.inner.get_spend(request_id)
+
+    async def sum_spend(
+        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+    ) -> int:
+        return await self.inner.sum_spend(kind, scope_id, start, end)
+
+    async def sum_spend_as_of(
+        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+    ) -> SpendSum:
+        return await self.inner.sum_spend_as_of(kind, scope_id, start, end)
+
+    async def list_keys(
+        self, team_id: str, after_key_id: str, limit: int, *, include_revoked: bool = False
+    ) -> list[KeyRecord]:
+        return await self.inner.list_keys(
+            team_id, after_key_id, limit, include_revoked=include_revoked
+        )
+
+    async def spend_report(self, query: SpendQuery) -> list[SpendRow]:
+        return await self.inner.spend_report(query)

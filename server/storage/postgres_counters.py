@@ -1,0 +1,247 @@
+"""Counters on Postgres alone: the exact, slower path used while Redis is down.
+
+Nothing here is a cache, so nothing can be lost or double-counted: a counter's spend *is*
+the ledger's sum over its window (``SUM(cost)`` of the scope's rows admitted in it, served
+by the ledger's ``(scope, admitted_at)`` indexes), and its ``held`` is the sum of the
+unexpired rows of ``budget_holds`` (migration 0002) placed on it.
+
+How this store differs from the Redis and in-process ones, behind the same interface:
+
+* ``settle`` does not add the cost: the caller wrote the ledger row before settling (as
+  :meth:`server.authority.Authority.record` always does), and that row already is the
+  spend. Settling only releases the hold, so it is naturally idempotent and always reports
+  ``applied``; there are no dedupe markers;
+* ``read`` never reports a missing counter and ``init`` does nothing: there is nothing to
+  rebuild;
+* ``reserve`` runs in one transaction under a transaction-level advisory lock keyed by the
+  team, so reservations of one team from every replica are serialized: the sums read and
+  the holds inserted are one atomic step, as one Lua script is in Redis.
+
+Expired holds are ignored by every sum and purged (at most ``PURGE_LIMIT`` per call) by the
+team's next reserve, settle or release. All instants come from the caller's ``now``, never
+from the database's clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Final
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from server.errors import RecordsUnavailable, Unavailable
+from server.money import decimal_to_nanos, nanos_to_decimal
+from server.rules import Enforcement, admits
+from server.storage.base import (
+    CounterState,
+    ReserveResult,
+    ReserveStatus,
+    ScopeBudget,
+    ScopeKind,
+    SettleResult,
+)
+from server.storage.memory_counters import PURGE_LIMIT, check_nanos, check_scopes
+
+# One conversion of instants and one translation of outages, shared with the record store.
+from server.storage.postgres import _driver_errors, _to_timestamp, migrate
+
+_SQL_LOCK_TEAM: Final = "SELECT pg_advisory_xact_lock($1)"
+_SQL_PURGE: Final = f"""DELETE FROM budget_holds WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM budget_holds WHERE team_id = $1 AND expires_at <= $2 LIMIT {PURGE_LIMIT}))"""
+_SQL_DROP_HOLD: Final = (
+    "DELETE FROM budget_holds WHERE team_id = $1 AND reservation_id = $2 AND expires_at > $3"
+)
+_SQL_DROP_ANY_HOLD: Final = "DELETE FROM budget_holds WHERE team_id = $1 AND reservation_id = $2"
+_SQL_HELD: Final = """SELECT counter_id, COALESCE(SUM(amount), 0) AS held FROM budget_holds
+    WHERE counter_id = ANY($1::text[]) AND expires_at > $2 GROUP BY counter_id"""
+_SUM: Final = """SELECT COALESCE(SUM(cost), 0) FROM spend_ledger WHERE {column} = $1
+    AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
+_SQL_SPEND: Final = {
+    ScopeKind.TEAM: _SUM.format(column="team_id"),
+    ScopeKind.KEY: _SUM.format(column="key_id"),
+}
+_SQL_HOLD: Final = """INSERT INTO budget_holds
+    (reservation_id, counter_id, team_id, scope_kind, scope_id, window_start, amount, expires_at)
+    SELECT $1, u.counter_id, $2, u.kind, u.scope_id, u.window_start, $3, $4
+    FROM unnest($5::text[], $6::text[], $7::text[], $8::timestamptz[])
+        AS u(counter_id, kind, scope_id, window_start)"""
+
+
+def team_lock_id(team_id: str) -> int:
+    """The advisory lock of a team's holds: 64 bits of SHA-256, the same on every replica."""
+    digest = hashlib.sha256(f"budgetd-holds:{team_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PostgresCounters:
+    """A :class:`~server.storage.base.CounterStore` derived from the ledger, in Postgres.
+
+    Its own small pool (no connection is opened until one is needed, so a replica that
+    never falls back to it holds none); ``start()`` applies pending migrations.
+    """
+
+    def __init__(self, dsn: str, *, max_size: int = 10, command_timeout: float = 5.0) -> None:
+        self._dsn = dsn
+        self._max_size = max_size
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+
+    async def start(self) -> None:
+        """Apply pending migrations (budget_holds), then create the pool."""
+        if self._pool is not None:
+            return
+        try:
+            await migrate(self._dsn)
+        except RecordsUnavailable as exc:  # the counters' outage, not the record store's
+            raise Unavailable(str(exc)) from exc
+        async with _driver_errors(Unavailable):
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=0,
+                max_size=self._max_size,
+                command_timeout=self._command_timeout,
+                timeout=self._command_timeout,
+            )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()  # nothing here outlives its call: no transaction to finish
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+        async with _driver_errors(Unavailable):
+            if self._pool is None:
+                raise Unavailable("postgres unavailable: the counter store is not started")
+            async with self._pool.acquire(timeout=self._command_timeout) as conn:
+                yield conn
+
+    async def reserve(
+        self,
+        team_id: str,
+        scopes: Sequence[ScopeBudget],
+        amount: int,
+        reservation_id: str,
+        hold_expires_at: float,
+        now: float,
+        mode: Enforcement,
+    ) -> ReserveResult:
+        """Check every scope with the rule and, only if all admit, hold ``amount`` on each.
+
+        Expired holds are purged first; an earlier hold under the same ``reservation_id``
+        is replaced, not added to. With ``amount`` 0 nothing is held.
+        """
+        check_nanos("amount", amount)
+        check_scopes(scopes)
+        if amount > 0 and not reservation_id:
+            raise ValueError("a hold needs a reservation_id")
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_SQL_LOCK_TEAM, team_lock_id(team_id))
+            await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
+            if reservation_id:
+                await conn.execute(_SQL_DROP_ANY_HOLD, team_id, reservation_id)
+            states = await _states(conn, scopes, now)
+            for index, (scope, state) in enumerate(zip(scopes, states, strict=True)):
+                if not admits(mode, scope.limit_nanos, state.spend, state.held, amount):
+                    return ReserveResult(ReserveStatus.DENIED, states, denied_index=index)
+            if amount > 0:
+                await conn.execute(
+                    _SQL_HOLD,
+                    reservation_id,
+                    team_id,
+                    nanos_to_decimal(amount),
+                    _to_timestamp(hold_expires_at),
+                    [scope.counter_id for scope in scopes],
+                    [scope.kind.value for scope in scopes],
+                    [scope.scope_id for scope in scopes],
+                    [_to_timestamp(scope.window.start) for scope in scopes],
+                )
+                states = tuple(CounterState(s.spend, s.held + amount) for s in states)
+        return ReserveResult(ReserveStatus.RESERVED, states)
+
+    async def init(
+        self,
+        team_id: str,
+        counters: Sequence[tuple[ScopeBudget, int]],
+        now: float,
+        *,
+        snapshots: Sequence[str | None] = (),
+    ) -> None:
+        """Nothing to create: spend is always the ledger's sum."""
+        for _scope, spend in counters:
+            check_nanos("spend", spend)
+
+    async def settle(
+        self,
+        team_id: str,
+        reservation_id: str,
+        scopes: Sequence[ScopeBudget],
+        cost: int,
+        request_id: str,
+        now: float,
+        dedupe_ttl: float,
+        *,
+        xact: int | None = None,
+    ) -> SettleResult:
+        """Release the reservation's hold; the cost is the caller's ledger row, not added here.
+
+        Idempotent, so ``applied`` is always True.
+        """
+        check_nanos("cost", cost)
+        if not request_id:
+            raise ValueError("settle needs a request_id")
+        async with self._connection() as conn:
+            await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
+            if reservation_id:
+                await conn.execute(_SQL_DROP_ANY_HOLD, team_id, reservation_id)
+            states = await _states(conn, scopes, now)
+        return SettleResult(True, states)
+
+    async def read(
+        self, team_id: str, scopes: Sequence[ScopeBudget], now: float
+    ) -> tuple[CounterState | None, ...]:
+        """Current counters (never missing); expired holds do not count."""
+        if not scopes:
+            return ()
+        async with self._connection() as conn:
+            return await _states(conn, scopes, now)
+
+    async def begin_settle(
+        self,
+        team_id: str,
+        scopes: Sequence[ScopeBudget],
+        request_id: str,
+        now: float,
+        grace: float,
+    ) -> tuple[CounterState | None, ...]:
+        """``read``: nothing to journal, a crash cannot part the ledger from spend here."""
+        return await self.read(team_id, scopes, now)
+
+    async def abandon_settle(self, team_id: str, request_id: str, now: float) -> None:
+        """Nothing was journaled."""
+
+    async def release(self, team_id: str, reservation_id: str, now: float) -> bool:
+        """Drop a hold without spending; False when there was none (or it had expired)."""
+        async with self._connection() as conn:
+            await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
+            status = await conn.execute(_SQL_DROP_HOLD, team_id, reservation_id, _to_timestamp(now))
+        return status != "DELETE 0"
+
+
+async def _states(
+    conn: PoolConnectionProxy[asyncpg.Record], scopes: Sequence[ScopeBudget], now: float
+) -> tuple[CounterState, ...]:
+    """Every scope's ledger spend in its window and its unexpired holds, exactly."""
+    rows = await conn.fetch(_SQL_HELD, [scope.counter_id for scope in scopes], _to_timestamp(now))
+    held = {row["counter_id"]: decimal_to_nanos(row["held"]) for row in rows}
+    states = []
+    for scope in scopes:
+        end = None if scope.window.end is None else _to_timestamp(scope.window.end)
+        spend = await conn.fetchval(
+            _SQL_SPEND[scope.kind], scope.scope_id, _to_timestamp(scope.window.start), end
+        )
+        states.append(CounterState(decimal_to_nanos(spend), held.get(scope.counter_id, 0)))
+    return tuple(states)
