@@ -143,3 +143,29 @@ async def test_replicas_under_concurrent_load_keep_spend_within_the_budget_bound
         await assert_counters_match_ledger(cluster, redis_url, team_id, key, spend)
     assert cluster.returncodes == [0] * REPLICAS, "a replica did not drain and exit cleanly"
     assert time.monotonic() - started < 60
+
+
+async def test_replicas_on_a_three_master_redis_cluster_keep_the_same_bounds(
+    tmp_path: Path, database_url: str, redis_cluster_url: str
+) -> None:
+    """The same Lua scripts, keys hash-tagged per team, on a 3-master Redis Cluster."""
+    rng = random.Random("replicas-cluster")
+    max_budget = MAX_BUDGET_MICROS * NANOS_PER_MICRO
+    async with start_replicas(
+        tmp_path, database_url=database_url, redis_url=redis_cluster_url, count=REPLICAS,
+        enforcement="never_exceed", reservation_ttl=60.0,
+    ) as cluster:  # fmt: skip
+        team_id, key = await create_team_and_key(
+            cluster.replicas[0].stub, max_budget=MAX_BUDGET_MICROS / 1e6
+        )
+        result = await run_until_exhausted(cluster, key, rng, send_estimate=True)
+
+        assert not result.errors, result.errors[:5]
+        assert result.denied > 0, "the budget was never exhausted: the test proves nothing"
+        spend = await assert_ledger_matches_answers(database_url, team_id, result)
+        assert max_budget * 9 // 10 <= spend <= max_budget
+        # The cluster's counters, read through every replica, equal the ledger.
+        for replica in cluster.replicas:
+            team = await replica.stub.GetTeam(pb.GetTeamRequest(team_id=team_id), metadata=ADMIN)
+            assert round(team.spend * 1e9) == spend
+    assert cluster.returncodes == [0] * REPLICAS
