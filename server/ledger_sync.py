@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from server.errors import Unavailable
 from server.storage.base import CounterState, CounterStore, RecordStore, ScopeBudget
 
 log = logging.getLogger("budgetd.ledger_sync")
+_REBUILD_ATTEMPTS = 5
 
 
 async def rebuild(
@@ -20,17 +22,22 @@ async def rebuild(
     """Create the given counters from exact ledger sums (set-if-absent, never added).
 
     Each counter keeps the snapshot its sum was read in, so settles racing with the rebuild
-    are counted exactly once (see :mod:`server.storage.base`).
+    are counted exactly once (see :mod:`server.storage.base`); and the sums are read again
+    if the team's counters were forgotten while they were being read.
     """
-    sums: list[tuple[ScopeBudget, int]] = []
-    snapshots: list[str | None] = []
-    for scope in scopes:
-        found = await records.sum_spend_as_of(
-            scope.kind, scope.scope_id, scope.window.start, scope.window.end
-        )
-        sums.append((scope, found.total))
-        snapshots.append(found.snapshot)
-    await counters.init(team_id, sums, now, snapshots=snapshots)
+    for _ in range(_REBUILD_ATTEMPTS):
+        epoch = await counters.team_epoch(team_id)
+        sums: list[tuple[ScopeBudget, int]] = []
+        snapshots: list[str | None] = []
+        for scope in scopes:
+            found = await records.sum_spend_as_of(
+                scope.kind, scope.scope_id, scope.window.start, scope.window.end
+            )
+            sums.append((scope, found.total))
+            snapshots.append(found.snapshot)
+        if await counters.init(team_id, sums, now, snapshots=snapshots, epoch=epoch):
+            return
+    raise Unavailable(f"the counters of team {team_id} keep being invalidated during rebuilds")
 
 
 async def start_from_zero(

@@ -43,6 +43,8 @@ log = logging.getLogger("budgetd.spool")
 SPOOL_FILE: Final = "spool.jsonl"
 CONFLICTS_FILE: Final = "conflicts.jsonl"
 _REPLAYING: Final = re.compile(r"^replaying-(\d+)\.jsonl$")
+# Files one replay call works through at most (appends may keep coming meanwhile).
+_REPLAY_ROUNDS = 10
 # Brings the counters up to date with a row just replayed into the ledger.
 Settle = Callable[[LedgerEntry, LedgerInsert], Awaitable[None]]
 
@@ -73,8 +75,16 @@ def _append_lines(path: Path, lines: list[str]) -> None:
         path.parent.mkdir(parents=True)
         _fsync_dir(path.parent.parent)
     created = not path.exists()
-    with path.open("a", encoding="utf-8") as out:
-        out.write("".join(lines))
+    data = "".join(lines).encode("utf-8")
+    with path.open("a+b") as out:
+        end = out.seek(0, os.SEEK_END)
+        if end:
+            out.seek(end - 1)
+            if out.read(1) != b"\n":
+                # A line torn by a crash mid-write (so never acknowledged) ends here, not
+                # glued to the first of these.
+                data = b"\n" + data
+        out.write(data)  # append mode: at the end, wherever the reads left the position
         out.flush()
         os.fsync(out.fileno())
     if created:
@@ -162,12 +172,20 @@ class Spool:
         store is down.
         """
         async with self._replay_lock:
-            await self._rotate()
             replayed = conflicts = 0
-            for path in self._files(replaying_only=True):
-                done, clashed = await self._replay_file(path, records, settle)
-                replayed += done
-                conflicts += clashed
+            for _ in range(_REPLAY_ROUNDS):
+                # Files left by a replay cut short go first, and only then is spool.jsonl
+                # moved aside: an outage stops the replay before it makes another file.
+                pending = self._files(replaying_only=True)
+                if not pending:
+                    await self._rotate()
+                    pending = self._files(replaying_only=True)
+                if not pending:
+                    break
+                for path in pending:
+                    done, clashed = await self._replay_file(path, records, settle)
+                    replayed += done
+                    conflicts += clashed
             return replayed, conflicts
 
     async def _rotate(self) -> None:
@@ -191,8 +209,15 @@ class Spool:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
         lines = [line for line in text.splitlines() if line.strip()]
         conflicts: list[str] = []
+        replayed = 0
         for line in lines:
-            entry = decode(line)
+            try:
+                entry = decode(line)
+            except (ValueError, TypeError):
+                # Only a write cut short by a crash leaves such a line, and its RecordSpend
+                # was never answered (an answer waits for the whole line and its fsync).
+                log.warning("skipping a torn spool line (never acknowledged): %.200r", line)
+                continue
             stored = await records.insert_spend(entry)  # Unavailable: stop, replay it again later
             found = stored.entry
             if not stored.inserted and (
@@ -205,14 +230,16 @@ class Spool:
                     entry.cost_nanos, entry.key_id, self.directory / CONFLICTS_FILE,
                 )  # fmt: skip
                 conflicts.append(line + "\n")
-            elif settle is not None:
-                await settle(entry, stored)
+            else:
+                replayed += 1
+                if settle is not None:
+                    await settle(entry, stored)
         if conflicts:
             await asyncio.to_thread(_append_lines, self.directory / CONFLICTS_FILE, conflicts)
         await asyncio.to_thread(self._delete, path)
         self._depth = max(0, self._depth - len(lines))
-        log.info("replayed %d spooled spends from %s into the ledger", len(lines), path.name)
-        return len(lines) - len(conflicts), len(conflicts)
+        log.info("replayed %d spooled spends from %s into the ledger", replayed, path.name)
+        return replayed, len(conflicts)
 
     @staticmethod
     def _delete(path: Path) -> None:

@@ -12,6 +12,9 @@ tests in tests/faults/ hit the same races by chance under load; here each one is
    parked by the settle).
 3. budgetd dies between a request's commit and its settle: the counters must catch up
    (the settle was announced; the next decision of the team settles it from the ledger).
+4. A replica that decided on Postgres while Redis was unreachable forgets the team's
+   counters when Redis answers again, while another replica's rebuild has summed the ledger
+   without that replica's spend: the stale rebuild must not create the counters.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from harness import Backend, backend_urls, make_settings, open_backend
 from server.admin import NewKey, NewTeam
 from server.authority import CheckRequest, SpendRequest
 from server.config import Settings
+from server.storage.base import LedgerEntry
+from server.storage.redis_counters import RedisCounters
 
 COST = 0.001  # USD
 NANOS = 1_000_000
@@ -136,4 +141,36 @@ async def test_a_request_whose_budgetd_died_before_its_settle_is_settled_later(
     assert await spend(backend, team_id) == 2 * NANOS
     backend.clock.advance(60)
     await backend.authority.check(CheckRequest(api_key=key))  # and only once
+    assert await spend(backend, team_id) == 2 * NANOS
+
+
+async def test_a_rebuild_that_summed_before_another_replica_forgot_the_counters_sums_again(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    team_id, key = await team_with_one_spend(backend)
+    await backend.lose_counters()
+    summed, go_on = asyncio.Event(), asyncio.Event()
+    real_init: Step = backend.counters.init
+
+    async def slow_init(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(backend.counters, "init", real_init)  # only the first attempt
+        summed.set()
+        await go_on.wait()
+        return await real_init(*args, **kwargs)
+
+    monkeypatch.setattr(backend.counters, "init", slow_init)
+    check = asyncio.ensure_future(backend.authority.check(CheckRequest(api_key=key)))
+    await summed.wait()  # this replica's rebuild has summed r0 only
+    # Another replica, deciding on Postgres while it could not reach Redis, wrote r1 to the
+    # ledger only, and now that Redis answers it again forgets the team's counters.
+    decided = await backend.authority.check(CheckRequest(api_key=key))
+    elsewhere = LedgerEntry(
+        "r1", team_id, decided.key_id, NANOS, backend.clock.now(), backend.clock.now()
+    )
+    assert (await backend.records.insert_spend(elsewhere)).inserted
+    assert isinstance(backend.counters, RedisCounters)
+    await backend.counters.forget_teams([team_id])
+    go_on.set()
+    await check
+
     assert await spend(backend, team_id) == 2 * NANOS

@@ -571,9 +571,7 @@ def redis_store(request: pytest.FixtureRequest) -> RedisCounters:
     return found
 
 
-async def test_forget_teams_drops_their_counters_holds_and_parked_costs_only(
-    redis_store: RedisCounters,
-) -> None:
+async def test_forget_teams_drops_their_counters_only(redis_store: RedisCounters) -> None:
     other = "team-b"
     mine, theirs = team_scope(1000), ScopeBudget(ScopeKind.TEAM, other, 1000, "1h", HOUR)
     await redis_store.init(TEAM, [(mine, 10), (key_scope(1000), 10)], NOW)
@@ -584,14 +582,48 @@ async def test_forget_teams_drops_their_counters_holds_and_parked_costs_only(
     missing = ScopeBudget(ScopeKind.KEY, "gone", None, "1h", HOUR)
     await redis_store.settle(TEAM, "", [missing], 1, "q2", NOW, 60, xact=7)  # parks
 
-    assert await redis_store.forget_teams([TEAM]) >= 5
+    assert await redis_store.forget_teams([TEAM]) == 2
 
     assert await redis_store.read(TEAM, [mine, key_scope(1000), missing], NOW) == (None,) * 3
-    assert not await redis_store.release(TEAM, "r1", NOW)
     assert await redis_store.read(other, [theirs], NOW) == (CounterState(20, 5),)
-    # The dedupe marker stays: the request did settle once.
+    # What is still true stays: the hold (released later, from rebuilt counters), the
+    # dedupe marker (the request did settle once), the parked cost (its row is in no sum
+    # that cannot see it).
+    assert await redis_store.release(TEAM, "r1", NOW)
     again = await redis_store.settle(TEAM, "", [mine], 1, "q1", NOW, 60)
     assert not again.applied
-    # Rebuilt by setting, nothing parked comes back.
-    await redis_store.init(TEAM, [(missing, 0)], NOW)
-    assert await redis_store.read(TEAM, [missing], NOW) == (CounterState(0, 0),)
+    await redis_store.init(TEAM, [(missing, 0)], NOW, snapshots=[snapshot_of(7, 7)])
+    assert await redis_store.read(TEAM, [missing], NOW) == (CounterState(1, 0),)
+
+
+async def test_a_rebuild_that_summed_before_a_forget_creates_nothing(
+    redis_store: RedisCounters,
+) -> None:
+    team = team_scope(None)
+    before = await redis_store.team_epoch(TEAM)  # a rebuild reads it, then sums the ledger
+    assert before and await redis_store.team_epoch(TEAM) == before
+    await redis_store.forget_teams([TEAM])  # meanwhile: spend the sums may have missed
+    assert not await redis_store.init(TEAM, [(team, 5)], NOW, epoch=before)
+    assert await redis_store.read(TEAM, [team], NOW) == (None,)
+
+    after = await redis_store.team_epoch(TEAM)
+    assert after != before
+    assert await redis_store.init(TEAM, [(team, 7)], NOW, epoch=after)
+    assert await redis_store.read(TEAM, [team], NOW) == (CounterState(7, 0),)
+
+
+async def test_a_rebuild_that_summed_before_a_flush_creates_nothing(
+    redis_counters: RedisCounters, raw_redis: Redis
+) -> None:
+    team = team_scope(None)
+    before = await redis_counters.team_epoch(TEAM)
+    await raw_redis.flushdb()  # takes the epoch (and any parked costs) with everything else
+    assert not await redis_counters.init(TEAM, [(team, 5)], NOW, epoch=before)
+    after = await redis_counters.team_epoch(TEAM)
+    assert await redis_counters.init(TEAM, [(team, 5)], NOW, epoch=after)
+
+
+async def test_the_epoch_never_changes_where_nothing_forgets(store: CounterStore) -> None:
+    epoch = await store.team_epoch(TEAM)
+    assert await store.init(TEAM, [(team_scope(None), 1)], NOW, epoch=epoch)
+    assert await store.team_epoch(TEAM) == epoch

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from harness import make_settings
 from server.admin import Admin, NewKey, NewTeam
+from server.app import make_stores
 from server.authority import Authority, CheckRequest, SpendRequest
 from server.clock import FakeClock
 from server.errors import RecordsUnavailable
@@ -28,7 +30,9 @@ from server.scopes import request_scopes
 from server.spool import CONFLICTS_FILE, Spool
 from server.storage.base import KeyRecord, LedgerEntry, LedgerInsert, TeamRecord
 from server.storage.cached_records import CachedRecords
+from server.storage.failover_counters import FailoverCounters
 from server.storage.memory_counters import MemoryCounters
+from server.storage.redis_counters import RedisCounters
 from server.storage.sqlite import SqliteRecords
 
 NOW = 1_718_318_916.0  # 2024-06-13T22:48:36Z
@@ -328,3 +332,20 @@ async def test_the_spool_depth_is_a_metric(rig: Rig) -> None:
     text = metrics.exposition().decode()
     assert "budgetd_spool_depth 1.0" in text
     assert "budgetd_counters_on_postgres 1.0" in text
+
+
+def test_the_failure_policies_choose_the_stores(tmp_path: Path) -> None:
+    both = {"database_url": "postgresql://db/x", "redis_url": "redis://r:6379/0"}
+    riding_out = make_stores(make_settings(tmp_path, **both))
+    assert isinstance(riding_out.records, CachedRecords)
+    assert isinstance(riding_out.counters, FailoverCounters)
+    assert riding_out.spool is not None
+    assert riding_out.spool.directory == tmp_path / "data" / "spool"
+
+    strict = make_stores(make_settings(tmp_path, **both, redis_down="deny", postgres_down="deny"))
+    assert isinstance(strict.counters, RedisCounters)
+    assert strict.spool is None
+    assert isinstance(strict.records, CachedRecords)  # cached, but never served stale
+
+    embedded = make_stores(make_settings(tmp_path))
+    assert embedded.spool is None and isinstance(embedded.records, SqliteRecords)

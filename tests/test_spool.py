@@ -120,3 +120,17 @@ async def test_a_replay_cut_short_is_finished_by_the_next_without_double_countin
         (f"q{i}", 10 + i) for i in range(6)
     ]
     assert await again.replay(records) == (0, 0)
+
+
+async def test_a_line_torn_by_a_crash_is_skipped_and_the_next_ones_are_intact(
+    tmp_path: Path, records: Flaky
+) -> None:
+    spool = Spool(tmp_path)
+    await spool.append(entry("q1"))
+    with (tmp_path / SPOOL_FILE).open("a") as out:  # a crash in the middle of a write
+        out.write(encode(entry("torn"))[:40])
+    again = Spool(tmp_path)  # the restarted process
+    await again.open()
+    await again.append(entry("q2"))
+    assert await again.replay(records) == (2, 0)
+    assert sorted(r.request_id for r in await records.ledger_entries("team")) == ["q1", "q2"]

@@ -309,12 +309,25 @@ class CounterStore(Protocol):
         now: float,
         *,
         snapshots: Sequence[str | None] = (),
-    ) -> None:
+        epoch: str | None = None,
+    ) -> bool:
         """Create missing counters with the given ledger spend; existing ones are left alone.
 
         ``snapshots[i]`` is the ledger snapshot counter ``i``'s spend was summed in (none
         given: no snapshot). A counter created here also takes in the costs that settles
         parked while it was missing, those whose rows its snapshot did not see.
+
+        With ``epoch`` (read by :meth:`team_epoch` before the sums), nothing is created and
+        False is returned if the team's counters were invalidated since: the sums may miss
+        spend that was never settled into the counters, so they must be read again.
+        """
+
+    async def team_epoch(self, team_id: str) -> str:
+        """A token that changes whenever the team's counters are invalidated under traffic.
+
+        (A replica that decided on Postgres while Redis was down forgets the counters it did
+        not update, see :mod:`server.storage.failover_counters`.) Read it before summing the
+        ledger for a rebuild and pass it to :meth:`init`.
         """
 
     async def settle(

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final
 
 from server.errors import RecordsUnavailable
 from server.storage.base import (
@@ -43,7 +43,6 @@ from server.storage.base import (
 log = logging.getLogger("budgetd.records")
 
 DEFAULT_CAPACITY: Final = 100_000
-T = TypeVar("T")
 
 _TEAM: Final = "team"
 _KEY: Final = "key"

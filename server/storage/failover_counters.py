@@ -9,10 +9,11 @@ exact and slower. It probes Redis with a PING at most once per ``probe_interval`
 in the background (a decision never waits for a probe).
 
 While failed over, spend goes to the ledger only: the Redis counters of every team this
-replica served missed it. So when Redis answers again, the counters, holds and parked costs
-of exactly those teams are deleted first (``RedisCounters.forget_teams``), and only then are
-calls sent to Redis again; the next decision of each such team rebuilds its counters from
-the ledger, by setting them. Teams this replica did not touch kept exact counters.
+replica served missed it. So when Redis answers again, the counters of exactly those teams
+are deleted first (``RedisCounters.forget_teams``, which also changes the team's epoch so
+that no rebuild that summed the ledger before can recreate them), and only then are calls
+sent to Redis again; the next decision of each such team rebuilds its counters from the
+ledger, by setting them. Teams this replica did not touch kept exact counters.
 
 Other replicas decide on their own: one that still reaches Redis keeps using its counters,
 which miss what a failed-over replica spent until that replica returns and forgets them
@@ -112,10 +113,15 @@ class FailoverCounters:
         now: float,
         *,
         snapshots: Sequence[str | None] = (),
-    ) -> None:
-        await self._call(
-            team_id, lambda store: store.init(team_id, counters, now, snapshots=snapshots)
+        epoch: str | None = None,
+    ) -> bool:
+        return await self._call(
+            team_id,
+            lambda store: store.init(team_id, counters, now, snapshots=snapshots, epoch=epoch),
         )
+
+    async def team_epoch(self, team_id: str) -> str:
+        return await self._call(team_id, lambda store: store.team_epoch(team_id))
 
     async def settle(
         self,

@@ -176,11 +176,13 @@ class MemoryCounters:
         now: float,
         *,
         snapshots: Sequence[str | None] = (),
-    ) -> None:
+        epoch: str | None = None,
+    ) -> bool:
         """Create missing counters with the given ledger spend; existing ones are left alone.
 
         A new counter also takes in the costs parked while it was missing whose ledger rows
-        its snapshot did not see.
+        its snapshot did not see. Nothing here invalidates counters under traffic, so the
+        epoch never changes.
         """
         for _scope, spend in counters:
             check_nanos("spend", spend)
@@ -197,6 +199,11 @@ class MemoryCounters:
             self._counters[(team_id, scope.counter_id)] = _Counter(spend, 0, expires_at, snapshot)
             if expires_at is not None:
                 heapq.heappush(self._counter_expiry, (expires_at, team_id, scope.counter_id))
+        return True
+
+    async def team_epoch(self, team_id: str) -> str:
+        """Always "": counters are only ever lost all at once, with the process."""
+        return ""
 
     async def settle(
         self,

@@ -169,10 +169,16 @@ class PostgresCounters:
         now: float,
         *,
         snapshots: Sequence[str | None] = (),
-    ) -> None:
+        epoch: str | None = None,
+    ) -> bool:
         """Nothing to create: spend is always the ledger's sum."""
         for _scope, spend in counters:
             check_nanos("spend", spend)
+        return True
+
+    async def team_epoch(self, team_id: str) -> str:
+        """Always "": nothing to invalidate."""
+        return ""
 
     async def settle(
         self,

@@ -14,6 +14,7 @@ clock.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
@@ -53,8 +54,17 @@ _SOCKET_TIMEOUT = 2.0
 # 2-core budgetd saturated.
 _MAX_CONNECTIONS = 64
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# An epoch outlives any rebuild in flight by far; then it may go (missing reads as "").
+_EPOCH_TTL = 86_400
 # Scripts that get the shared helpers (common.lua) prepended.
-_SCRIPTS = {"reserve": True, "settle": True, "release": True, "init": True, "begin": True}
+_SCRIPTS = {
+    "reserve": True,
+    "settle": True,
+    "release": True,
+    "init": True,
+    "begin": True,
+    "epoch": False,
+}
 # What an outage looks like from redis-py; anything else (a script error) is a bug and
 # propagates as is.
 _OUTAGES: tuple[type[BaseException], ...] = (
@@ -239,24 +249,36 @@ class RedisCounters:
         now: float,
         *,
         snapshots: Sequence[str | None] = (),
-    ) -> None:
+        epoch: str | None = None,
+    ) -> bool:
         """Create missing counters with the given ledger spend; existing ones are left alone.
 
         A new counter remembers the ledger snapshot its spend was summed in, and takes in
-        the costs parked while it was missing whose rows that snapshot did not see.
+        the costs parked while it was missing whose rows that snapshot did not see. False,
+        creating nothing, when ``epoch`` is given and the team's epoch changed since.
         """
         if not counters:
-            return
+            return True
         keys = TeamKeys(self._prefix, team_id)
-        names: list[str] = []
-        args: list[str] = []
+        names: list[str] = [keys.epoch]
+        args: list[str] = ["skip" if epoch is None else "check", epoch or ""]
         for index, (scope, spend) in enumerate(counters):
             check_nanos("spend", spend)
             ttl = counter_ttl(scope.window, now)
             snapshot = snapshots[index] if index < len(snapshots) else None
             names += [keys.counter(scope), keys.parked(scope)]
             args += [str(spend), "0" if ttl is None else str(ttl), snapshot or ""]
-        await self._run("init", names, args)
+        return int(await self._run("init", names, args)) >= 0
+
+    async def team_epoch(self, team_id: str) -> str:
+        """The team's epoch token, created if missing.
+
+        Never "" in Redis: a FLUSHALL between this read and the ``init`` deletes the token,
+        and that must count as a change (it took the parked costs with it).
+        """
+        keys = TeamKeys(self._prefix, team_id)
+        token = await self._run("epoch", [keys.epoch], [secrets.token_hex(8), str(_EPOCH_TTL)])
+        return str(token)
 
     async def settle(
         self,
@@ -368,20 +390,24 @@ class RedisCounters:
                 await client.ping()
 
     async def forget_teams(self, team_ids: Iterable[str]) -> int:
-        """Delete the counters, holds and parked costs of these teams; returns keys deleted.
+        """Delete the counters of these teams; returns how many were deleted.
 
         For a replica that served these teams without Redis (their spend went to the ledger
         only): their counters are then missing and are rebuilt from the ledger by setting.
-        Each team's keys share a hash tag, so on a cluster they are on one node: the SCAN
-        runs there.
+        First the epoch is replaced, so a rebuild that summed the ledger before (without
+        that spend) creates nothing; counters created after it are right, and deleting them
+        too is harmless. Holds, parked costs and dedupe markers stay: they are still true,
+        and deleting them apart from the counters they belong to could leave a counter
+        holding for a hold that no longer exists. Each team's keys share a hash tag, so on
+        a cluster they are on one node: the SCAN runs there.
         """
         client = self._require_client()
         deleted = 0
         with _unavailable():
             for team_id in team_ids:
                 keys = TeamKeys(self._prefix, team_id)
-                for pattern in keys.decision_state:
-                    deleted += await delete_matching(client, keys.base, pattern)
+                await client.set(keys.epoch, secrets.token_hex(8), ex=_EPOCH_TTL)
+                deleted += await delete_matching(client, keys.base, keys.counters)
         return deleted
 
     def _require_client(self) -> Redis | RedisCluster:

@@ -11,7 +11,10 @@
 * ``P:{t:T}:p:<counter_id>`` — set of ``xact:cost`` parked by settles that found the counter
   missing, taken in by the init that recreates it (see ``init.lua``), expiring like markers;
 * ``P:{t:T}:inflight`` — zset ``request_id -> deadline`` of RecordSpends between their
-  ``begin`` and their settle (see ``begin.lua``).
+  ``begin`` and their settle (see ``begin.lua``);
+* ``P:{t:T}:epoch`` — a random token, created by the first rebuild that reads it and
+  replaced whenever the team's counters are forgotten: a rebuild that read it before its
+  ledger sums creates nothing if it changed (or vanished, with a FLUSHALL) meanwhile.
 
 Every key of a team carries the hash tag ``{t:T}``, so all keys one script touches share a
 slot, and all of a team's keys live on one node of a cluster.
@@ -51,6 +54,10 @@ class TeamKeys:
     def inflight(self) -> str:
         return f"{self.base}:inflight"
 
+    @property
+    def epoch(self) -> str:
+        return f"{self.base}:epoch"
+
     def counter(self, scope: ScopeBudget) -> str:
         return f"{self.base}:c:{scope.counter_id}"
 
@@ -61,13 +68,9 @@ class TeamKeys:
         return f"{self.base}:done:{request_id}"
 
     @property
-    def decision_state(self) -> tuple[str, ...]:
-        """SCAN patterns of everything a decision reads: counters, holds, parked costs.
-
-        Dedupe markers are not in it: they stay true whatever happened to the counters.
-        """
-        base = glob_escape(self.base)
-        return (f"{base}:c:*", f"{base}:p:*", f"{base}:holds", f"{base}:holdexp")
+    def counters(self) -> str:
+        """SCAN pattern of the team's counters."""
+        return f"{glob_escape(self.base)}:c:*"
 
 
 def glob_escape(text: str) -> str:

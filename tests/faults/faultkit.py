@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -63,9 +64,10 @@ class FaultLoad:
         return Counter(text.split(":", 1)[0] for _, _, text in self.errors)
 
     def summary(self) -> str:
+        kinds = Counter(f"{rpc}: {text[:120]}" for _, rpc, text in self.errors)
         return (
             f"checks={dict(self.checks)} records={dict(self.records)} "
-            f"slowest={self.slowest:.3f}s first errors={self.errors[:3]}"
+            f"slowest={self.slowest:.3f}s errors={kinds.most_common(5)}"
         )
 
 
@@ -171,6 +173,25 @@ def start_load(
     stop = asyncio.Event()
     task = asyncio.ensure_future(run_load(targets, key, stop, concurrency=concurrency, seed=seed))
     return stop, task
+
+
+def spooled_rows(*data_dirs: Path) -> int:
+    """Rows waiting in the spools of replicas (``budgetd.spool_dir`` is <data_dir>/spool).
+
+    Read from outside while budgetd may rename a file to replay it: a file that vanished
+    between the listing and the read means counting again.
+    """
+    for _ in range(20):
+        try:
+            return sum(
+                len(path.read_text().splitlines())
+                for data_dir in data_dirs
+                for path in (data_dir / "spool").glob("*.jsonl")
+                if path.name != "conflicts.jsonl"
+            )
+        except FileNotFoundError:
+            continue
+    raise AssertionError("the spool files keep changing under the count")
 
 
 # --- invariants -------------------------------------------------------------------------

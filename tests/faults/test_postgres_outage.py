@@ -22,6 +22,7 @@ from faultkit import (
     assert_counters_match_ledger,
     assert_every_ok_in_ledger,
     live,
+    spooled_rows,
     start_load,
 )
 from harness import ADMIN
@@ -36,18 +37,10 @@ CONCURRENCY = 16
 VICTIM = 1
 
 
-def spooled(data_dir: Path) -> int:
-    """Rows in a replica's spool (budgetd.spool_dir defaults to <data_dir>/spool)."""
-    return sum(
-        len(path.read_text().splitlines()) for path in (data_dir / "spool").glob("*.jsonl")
-        if path.name != "conflicts.jsonl"
-    )  # fmt: skip
-
-
 async def wait_for_empty_spools(data_dirs: list[Path], within: float = 15.0) -> None:
     deadline = time.monotonic() + within
-    while any(spooled(d) for d in data_dirs):
-        assert time.monotonic() < deadline, {str(d): spooled(d) for d in data_dirs}
+    while any(spooled_rows(d) for d in data_dirs):
+        assert time.monotonic() < deadline, {str(d): spooled_rows(d) for d in data_dirs}
         await asyncio.sleep(0.2)
 
 
@@ -85,14 +78,14 @@ async def test_postgres_outage_mid_load_spools_acknowledged_spend_and_replays_it
         # A crash while Postgres is down: what the victim acknowledged is only in its spool.
         victim_dir = tmp_path / f"data-{VICTIM}"
         await kill_replica(cluster, VICTIM)
-        left_behind = spooled(victim_dir)
+        left_behind = spooled_rows(victim_dir)
         assert left_behind > 0, "the victim spooled nothing: the test proves nothing"
         await asyncio.sleep(0.5)
 
         up = time.monotonic()
         await own_postgres.start()
         await relaunch_replica(cluster, VICTIM)
-        assert spooled(victim_dir) == 0, "the relaunched replica did not replay at start"
+        assert spooled_rows(victim_dir) == 0, "the relaunched replica did not replay at start"
         await asyncio.sleep(1.5)
         stop.set()
         load = await running
@@ -110,4 +103,5 @@ async def test_postgres_outage_mid_load_spools_acknowledged_spend_and_replays_it
         await assert_counters_match_ledger(
             cluster.replicas, redis_url, database_url, team_id, key, hold_ttl=HOLD_TTL
         )
+    assert cluster.returncodes == [0, 0], "a replica did not stop cleanly (spool replay task)"
     assert time.monotonic() - started < 60

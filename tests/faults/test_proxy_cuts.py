@@ -29,6 +29,7 @@ from faultkit import (
     assert_counters_match_ledger,
     assert_every_ok_in_ledger,
     live,
+    spooled_rows,
     start_load,
 )
 from proxy import FaultProxy
@@ -55,10 +56,7 @@ def target(url: str) -> tuple[str, int]:
 
 
 def spooled(workdir: Path) -> int:
-    return sum(
-        len(path.read_text().splitlines()) for path in workdir.glob("data-*/spool/*.jsonl")
-        if path.name != "conflicts.jsonl"
-    )  # fmt: skip
+    return spooled_rows(*workdir.glob("data-*"))
 
 
 @pytest.mark.parametrize("backend", ["redis", "postgres"])
