@@ -176,7 +176,13 @@ class FailoverCounters:
                 # forgotten on recovery anyway, so nothing it did there is trusted.
                 self._fail(exc)
         self._touched.add(team_id)
-        return await op(self.postgres)
+        try:
+            return await op(self.postgres)
+        except Unavailable:
+            # Postgres is down too: waiting out the probe interval would only keep failing
+            # calls that Redis, if it is back, could answer. Probe now (one at a time).
+            self._maybe_probe(now=True)
+            raise
 
     def _fail(self, error: Unavailable) -> None:
         if self._failed_since is None:
@@ -187,16 +193,17 @@ class FailoverCounters:
                 self.on_failover()
             log.warning("redis is down (%s): deciding on the exact postgres path", error)
 
-    def _maybe_probe(self) -> None:
-        """Start a probe of Redis, at most once per probe interval and one at a time.
+    def _maybe_probe(self, *, now: bool = False) -> None:
+        """Start a probe of Redis, at most once per probe interval (or ``now``), one at a time.
 
         In a task of its own: a decision never waits for a PING to a Redis that may not
         answer for a while (a partition that drops packets, rather than refusing them).
         """
-        now = self._clock()
-        if now < self._next_probe or (self._probe is not None and not self._probe.done()):
+        if self._probe is not None and not self._probe.done():
             return
-        self._next_probe = now + self._probe_interval
+        if not now and self._clock() < self._next_probe:
+            return
+        self._next_probe = self._clock() + self._probe_interval
         self._probe = asyncio.ensure_future(self._recover())
 
     async def wait_for_probe(self) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from proxy import FaultProxy
 from replicas import redis_counters
+from server.errors import Unavailable
 from server.rules import Enforcement
 from server.storage.base import CounterState, ReserveStatus, ScopeBudget, ScopeKind
 from server.storage.failover_counters import FailoverCounters
@@ -147,3 +148,21 @@ async def test_starting_while_redis_is_down_starts_failed_over(database_url: str
         assert await store.read("a", [scope("a")], NOW) == (CounterState(0, 0),)
     finally:
         await store.close()
+
+
+async def test_with_postgres_down_too_redis_is_probed_at_once(
+    failover: Failover, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = failover
+    outage(f)
+    await f.store.read("a", [scope("a")], NOW)  # fails over (Postgres still answers)
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise Unavailable("postgres unavailable: (test)")
+
+    monkeypatch.setattr(f.store.postgres, "read", down)
+    f.proxy.unblock()  # Redis is back, well before the probe interval is over
+    with pytest.raises(Unavailable):
+        await f.store.read("a", [scope("a")], NOW)
+    await f.store.wait_for_probe()
+    assert not f.store.failed_over and f.redis.pings == 1
