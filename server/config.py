@@ -12,7 +12,7 @@ Environment variables (``load_settings`` reads only the mapping it is given):
 * ``BUDGETD_CONFIG`` (the file, when no path is passed), ``DATABASE_URL``, ``REDIS_URL``,
   ``BUDGETD_DATA_DIR``, ``BUDGETD_MASTER_KEY``, ``LITELLM_MASTER_KEY``,
   ``EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING``, ``JWT_PUBLIC_KEY_URL``, ``JWT_AUDIENCE``,
-  ``JWT_ISSUER``;
+  ``JWT_ISSUER`` (the last two win over ``budgetd.jwt_audience`` / ``budgetd.jwt_issuer``);
 * ``BUDGETD_<NAME>`` for the other ``budgetd:`` keys: ``BUDGETD_GRPC_ADDR``,
   ``BUDGETD_METRICS_ADDR``, ``BUDGETD_BRIDGE_LISTEN``, ``BUDGETD_BRIDGE_TARGET``,
   ``BUDGETD_REDIS_CLUSTER``, ``BUDGETD_ENFORCEMENT``, ``BUDGETD_RESERVATION_TTL``,
@@ -44,6 +44,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from server.config_model import (
+    BudgetdSection,
     FileConfig,
     JwtAuthSection,
     ModelEntry,
@@ -70,6 +71,8 @@ from server.config_model import (
     type_at,
 )
 from server.errors import ConfigError
+from server.jwt_auth import DEFAULT_ALGORITHMS as DEFAULT_JWT_ALGORITHMS
+from server.jwt_auth import HMAC_KEY_BYTES, describe_key, key_fits, load_public_key_pem
 from server.rules import Enforcement
 from server.windows import Duration, parse_duration
 
@@ -157,8 +160,14 @@ class JwtSettings:
     admin_jwt_scope: str = "litellm_proxy_admin"
     public_key_ttl: float = 600.0
     public_key_url: str | None = None  # JWT_PUBLIC_KEY_URL (comma-separated JWKS URLs)
-    audience: str | None = None  # JWT_AUDIENCE
-    issuer: str | None = None  # JWT_ISSUER
+    audience: str | None = None  # JWT_AUDIENCE, else budgetd.jwt_audience
+    issuer: str | None = None  # JWT_ISSUER, else budgetd.jwt_issuer
+    public_key_pem: str | None = field(default=None, repr=False)  # budgetd.jwt_public_key
+    # budgetd.jwt_algorithms; unset: DEFAULT_ALGORITHMS, plus the HS ones the secret is long
+    # enough for when budgetd.jwt_hmac_secret is set.
+    algorithms: tuple[str, ...] = DEFAULT_JWT_ALGORITHMS
+    hmac_secret: str | None = field(default=None, repr=False)  # budgetd.jwt_hmac_secret
+    leeway: float = 30.0  # budgetd.jwt_leeway: seconds of clock skew on exp/nbf/iat
 
 
 def _no_prices() -> Mapping[str, ModelPrice]:
@@ -640,7 +649,8 @@ class _Resolver:
                 "needs team_id_jwt_field, the JWT claim that names the team",
             )
         defaults = JwtSettings()
-        return JwtSettings(
+        own = self.file.budgetd or BudgetdSection()
+        jwt = JwtSettings(
             enabled=bool(general and general.enable_jwt_auth),
             team_id_upsert=bool(section.team_id_upsert),
             team_id_jwt_field=section.team_id_jwt_field,
@@ -655,9 +665,64 @@ class _Resolver:
             admin_jwt_scope=section.admin_jwt_scope or defaults.admin_jwt_scope,
             public_key_ttl=section.public_key_ttl or defaults.public_key_ttl,
             public_key_url=self.env_setting("JWT_PUBLIC_KEY_URL", parse_http_urls),
-            audience=self.env_setting("JWT_AUDIENCE", parse_text),
-            issuer=self.env_setting("JWT_ISSUER", parse_text),
+            audience=self.env_setting("JWT_AUDIENCE", parse_text) or own.jwt_audience,
+            issuer=self.env_setting("JWT_ISSUER", parse_text) or own.jwt_issuer,
+            public_key_pem=own.jwt_public_key,
+            algorithms=self.jwt_algorithms(own),
+            hmac_secret=own.jwt_hmac_secret,
+            leeway=defaults.leeway if own.jwt_leeway is None else own.jwt_leeway,
         )
+        self.check_jwt_keys(jwt, bool(general and general.enable_jwt_auth))
+        return jwt
+
+    def jwt_algorithms(self, own: BudgetdSection) -> tuple[str, ...]:
+        """budgetd.jwt_algorithms, or the default list (with HS* when a secret is set)."""
+        secret = own.jwt_hmac_secret
+        size = len(secret.encode()) if secret is not None else 0
+        if own.jwt_algorithms is None:
+            hmac = tuple(name for name, least in HMAC_KEY_BYTES.items() if secret and size >= least)
+            return (*DEFAULT_JWT_ALGORITHMS, *hmac)
+        where = self.in_file(("budgetd", "jwt_algorithms"))
+        hmac = tuple(name for name in own.jwt_algorithms if name in HMAC_KEY_BYTES)
+        if hmac and secret is None:
+            self.problem(
+                where,
+                f"lists {hmac[0]}, which needs budgetd.jwt_hmac_secret: HS algorithms are "
+                "verified only with a configured shared secret",
+            )
+        elif secret is not None and not hmac:
+            self.problem(
+                self.in_file(("budgetd", "jwt_hmac_secret")),
+                "is set, but budgetd.jwt_algorithms lists none of HS256, HS384, HS512",
+            )
+        for name in hmac:
+            if secret is not None and size < HMAC_KEY_BYTES[name]:
+                self.problem(
+                    self.in_file(("budgetd", "jwt_hmac_secret")),
+                    f"is {size} bytes long; {name} needs at least {HMAC_KEY_BYTES[name]} bytes "
+                    "(RFC 7518 section 3.2)",
+                )
+        return own.jwt_algorithms
+
+    def check_jwt_keys(self, jwt: JwtSettings, enabled: bool) -> None:
+        """enable_jwt_auth needs a key source; a PEM key must fit an allowed algorithm."""
+        if jwt.public_key_pem is not None:
+            key = load_public_key_pem(jwt.public_key_pem)  # checked by the model
+            if not any(key_fits(name, key) for name in jwt.algorithms):
+                self.problem(
+                    self.in_file(("budgetd", "jwt_public_key")),
+                    f"is {describe_key(key)}, but no algorithm in budgetd.jwt_algorithms "
+                    "can verify with it",
+                )
+        # An invalid JWT_PUBLIC_KEY_URL is reported as such, not as a missing key source.
+        has_url = self.env_value("JWT_PUBLIC_KEY_URL") is not None
+        if enabled and not (has_url or jwt.public_key_pem or jwt.hmac_secret):
+            self.problem(
+                self.in_file(("general_settings", "enable_jwt_auth")),
+                "is true, but no key to verify JWTs with is configured: set JWT_PUBLIC_KEY_URL "
+                "(JWKS URLs), budgetd.jwt_public_key (a PEM public key) or "
+                "budgetd.jwt_hmac_secret",
+            )
 
     def check_redis(self, settings: Settings) -> Settings:
         """Cross-checks of the Redis settings; a cluster URL implies redis_cluster."""

@@ -26,6 +26,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
+from server.jwt_auth import (
+    HMAC_MIN_SECRET_BYTES,
+    SUPPORTED_ALGORITHMS,
+    load_public_key_pem,
+)
 from server.money import MoneyError, usd_to_nanos
 from server.rules import Enforcement
 from server.windows import DurationError, parse_duration
@@ -352,6 +357,81 @@ def parse_path(value: object) -> Path:
     return Path(parse_text(value)).expanduser()
 
 
+MAX_JWT_LEEWAY: Final = 300.0
+_JWT_ALGORITHM_NAMES: Final = {name.lower(): name for name in SUPPORTED_ALGORITHMS}
+
+
+def parse_jwt_algorithms(value: object) -> tuple[str, ...]:
+    """The JWT algorithm allow-list: a list (or comma-separated string) of names, any case."""
+    items: list[object]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ValueError(
+            f"must be a list of JWT algorithms such as [RS256] (got {describe(value)})"
+        )
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"must list algorithm names (got {describe(item)})")
+        if item.strip().lower() == "none":
+            raise ValueError("must not list 'none': budgetd never accepts unsigned JWTs")
+        name = _JWT_ALGORITHM_NAMES.get(item.strip().lower())
+        if name is None:
+            raise ValueError(
+                f"{item!r} is not a JWT signature algorithm budgetd supports "
+                f"(use {', '.join(SUPPORTED_ALGORITHMS)})"
+            )
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("must list at least one algorithm")
+    return tuple(names)
+
+
+def parse_jwt_public_key(value: object) -> str:
+    """A PEM public key (or certificate) that verifies JWTs: RSA >= 2048 bits, EC, EdDSA."""
+    text = parse_text(value)
+    load_public_key_pem(text)  # raises ValueError saying what is wrong
+    if "\n" not in text and "\\n" in text:
+        text = text.replace("\\n", "\n")  # one-line PEM from an environment variable
+    return text.strip() + "\n"
+
+
+def parse_jwt_hmac_secret(value: object) -> str:
+    """A shared secret for HS256/384/512 JWTs: at least 32 bytes, and not a PEM key."""
+    secret = parse_secret(value)
+    if "-----BEGIN" in secret:
+        raise ValueError(
+            "is a PEM key, not a shared secret; put a public key in budgetd.jwt_public_key"
+        )
+    size = len(secret.encode())
+    if size < HMAC_MIN_SECRET_BYTES:
+        raise ValueError(
+            f"must be at least {HMAC_MIN_SECRET_BYTES} bytes long (RFC 7518 section 3.2; "
+            f"got {size})"
+        )
+    return secret
+
+
+def parse_jwt_leeway(value: object) -> float:
+    """Seconds of clock skew allowed on JWT exp/nbf/iat: 0 to 300."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be a number of seconds or a duration (got {describe(value)})")
+    if isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            seconds = _duration_seconds(value)
+    else:
+        seconds = float(value)
+    if not 0 <= seconds <= MAX_JWT_LEEWAY:  # also refuses NaN
+        raise ValueError(f"must be from 0 to {MAX_JWT_LEEWAY:g} seconds (got {describe(value)})")
+    return seconds
+
+
 def _checked(parse: Callable[[object], object]) -> BeforeValidator:
     return BeforeValidator(parse)
 
@@ -377,6 +457,10 @@ PostgresDown = Annotated[str, _checked(parse_postgres_down)]
 CacheTtl = Annotated[float, _checked(parse_cache_ttl)]
 TimeZoneName = Annotated[str, _checked(parse_timezone)]
 DataDir = Annotated[Path, _checked(parse_path)]
+JwtAlgorithms = Annotated[tuple[str, ...], _checked(parse_jwt_algorithms)]
+JwtPublicKey = Annotated[str, _checked(parse_jwt_public_key)]
+JwtHmacSecret = Annotated[str, _checked(parse_jwt_hmac_secret)]
+JwtLeeway = Annotated[float, _checked(parse_jwt_leeway)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,6 +774,13 @@ class BudgetdSection(Section):
     postgres_down: PostgresDown | None = None
     spool_dir: DataDir | None = None
     record_cache_ttl: CacheTtl | None = None
+    # JWT verification (general_settings.enable_jwt_auth); JWT_AUDIENCE / JWT_ISSUER win.
+    jwt_public_key: JwtPublicKey | None = None
+    jwt_algorithms: JwtAlgorithms | None = None
+    jwt_hmac_secret: JwtHmacSecret | None = None
+    jwt_leeway: JwtLeeway | None = None
+    jwt_audience: Text | None = None
+    jwt_issuer: Text | None = None
 
 
 class FileConfig(Section):

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from server.config import (
     DefaultTeamSettings,
@@ -18,6 +23,7 @@ from server.config import (
     load_settings,
 )
 from server.errors import ConfigError
+from server.jwt_auth import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS
 from server.rules import Enforcement
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"
@@ -139,6 +145,49 @@ ERRORS: dict[str, tuple[str, str]] = {
     "bad_invalid_yaml.yaml": ("", "invalid YAML"),
     "bad_not_a_mapping.yaml": ("", "the top level must be a mapping"),
     "bad_multiple_errors.yaml": ("budgetd.enforcement", "must be one of"),
+    "bad_jwt_algorithm_unknown.yaml": (
+        "budgetd.jwt_algorithms",
+        "'XS256' is not a JWT signature algorithm budgetd supports (use RS256, ",
+    ),
+    "bad_jwt_algorithm_none.yaml": (
+        "budgetd.jwt_algorithms",
+        "must not list 'none': budgetd never accepts unsigned JWTs",
+    ),
+    "bad_jwt_algorithms_empty.yaml": ("budgetd.jwt_algorithms", "must list at least one"),
+    "bad_jwt_hs_without_secret.yaml": (
+        "budgetd.jwt_algorithms",
+        "lists HS256, which needs budgetd.jwt_hmac_secret",
+    ),
+    "bad_jwt_hmac_secret_short.yaml": (
+        "budgetd.jwt_hmac_secret",
+        "must be at least 32 bytes long (RFC 7518 section 3.2; got 9)",
+    ),
+    "bad_jwt_hmac_secret_short_for_hs512.yaml": (
+        "budgetd.jwt_hmac_secret",
+        "is 35 bytes long; HS512 needs at least 64 bytes",
+    ),
+    "bad_jwt_hmac_secret_unused.yaml": (
+        "budgetd.jwt_hmac_secret",
+        "is set, but budgetd.jwt_algorithms lists none of HS256, HS384, HS512",
+    ),
+    "bad_jwt_hmac_secret_pem.yaml": (
+        "budgetd.jwt_hmac_secret",
+        "is a PEM key, not a shared secret",
+    ),
+    "bad_jwt_public_key.yaml": (
+        "budgetd.jwt_public_key",
+        "is not a PEM public key (-----BEGIN PUBLIC KEY-----) or certificate",
+    ),
+    "bad_jwt_public_key_fits_no_algorithm.yaml": (
+        "budgetd.jwt_public_key",
+        "is an EC P-256 key, but no algorithm in budgetd.jwt_algorithms can verify with it",
+    ),
+    "bad_jwt_leeway.yaml": ("budgetd.jwt_leeway", "must be from 0 to 300 seconds (got 301)"),
+    "bad_jwt_without_key_source.yaml": (
+        "general_settings.enable_jwt_auth",
+        "is true, but no key to verify JWTs with is configured: set JWT_PUBLIC_KEY_URL",
+    ),
+    "bad_jwt_issuer_empty.yaml": ("budgetd.jwt_issuer", "must not be empty"),
 }
 
 
@@ -259,6 +308,12 @@ def test_seed_config_loads() -> None:
 
 
 FULL_ENV = {"FULL_TEST_MASTER_KEY": "sk-from-env-ref", "FULL_TEST_PG_PASSWORD": "s3cret"}
+FULL_PEM = (
+    "-----BEGIN PUBLIC KEY-----\n"
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEuyz+RV9Blb6HULOY1fZMfZJwwthq\n"
+    "0On2t7Yqw2xXRLY2W6K+mYJfvLHHRK5TTktWV9UImqCRl/LLNdnFHJKbag==\n"
+    "-----END PUBLIC KEY-----\n"
+)
 
 
 def test_full_config_loads_every_key() -> None:
@@ -339,7 +394,8 @@ def test_full_config_jwt() -> None:
         "JWT_AUDIENCE": "budgetd",
         "JWT_ISSUER": "https://idp.example.com/",
     }
-    assert load_settings(fixture("full.yaml"), env).jwt == JwtSettings(
+    jwt = load_settings(fixture("full.yaml"), env).jwt
+    assert jwt == JwtSettings(
         enabled=True,
         team_id_upsert=True,
         team_id_jwt_field="team_id",
@@ -356,11 +412,23 @@ def test_full_config_jwt() -> None:
         public_key_url="https://idp.example.com/jwks.json",
         audience="budgetd",
         issuer="https://idp.example.com/",
+        public_key_pem=FULL_PEM,
+        algorithms=("RS256", "ES256", "HS256"),
+        hmac_secret="a-shared-secret-of-32-bytes-or-more",
+        leeway=10.0,
     )
+    # JWT_AUDIENCE and JWT_ISSUER win over budgetd.jwt_audience and budgetd.jwt_issuer.
+    jwt = load_settings(fixture("full.yaml"), FULL_ENV).jwt
+    assert (jwt.audience, jwt.issuer) == ("budgetd-from-file", "https://file.example.com/")
 
 
 def test_litellm_proxy_config_loads_with_provider_keys_unset() -> None:
-    env = {"LITELLM_MASTER_KEY": "sk-litellm", "DATABASE_URL": "postgresql://db/litellm"}
+    env = {
+        "LITELLM_MASTER_KEY": "sk-litellm",
+        "DATABASE_URL": "postgresql://db/litellm",
+        # enable_jwt_auth: true needs a key source.
+        "JWT_PUBLIC_KEY_URL": "https://idp.example.com/jwks.json",
+    }
     settings = load_settings(fixture("litellm_proxy.yaml"), env)
     assert settings.master_key == "sk-litellm"
     assert settings.database_url == "postgresql://db/litellm"
@@ -738,3 +806,182 @@ def test_failure_policy_settings_from_the_environment(tmp_path: Path) -> None:
     assert moved.spool_path == tmp_path / "elsewhere"
     message = config_error(None, {"BUDGETD_RECORD_CACHE_TTL": "-1"})
     assert "environment: BUDGETD_RECORD_CACHE_TTL: must be from 0 to 3600 seconds" in message
+
+
+# -- JWT keys and algorithms ------------------------------------------------------------------
+
+
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, private: bool = False) -> str:
+    if private:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def _certificate(key: ec.EllipticCurvePrivateKey) -> str:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example.com")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+JWT_SECRET = "a-shared-secret-of-32-bytes-or-more"  # 35 bytes
+
+
+def test_jwt_defaults() -> None:
+    jwt = load_settings(None, {}).jwt
+    assert jwt.algorithms == DEFAULT_ALGORITHMS
+    assert jwt.algorithms == (
+        *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+        *("ES256", "ES384", "ES512", "EdDSA"),
+    )
+    assert (jwt.public_key_pem, jwt.hmac_secret, jwt.leeway) == (None, None, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("secret", "hmac"),
+    [(JWT_SECRET, ("HS256",)), ("s" * 48, ("HS256", "HS384")), ("s" * 64, HMAC_ALGORITHMS)],
+)
+def test_jwt_hmac_secret_adds_the_hs_algorithms_it_is_long_enough_for(
+    tmp_path: Path, secret: str, hmac: tuple[str, ...]
+) -> None:
+    path = write(tmp_path, "budgetd:\n  jwt_hmac_secret: os.environ/JWT_TEST_SECRET\n")
+    settings = load_settings(path, {"JWT_TEST_SECRET": secret})
+    assert settings.jwt.hmac_secret == secret
+    assert settings.jwt.algorithms == (*DEFAULT_ALGORITHMS, *hmac)
+    assert secret not in repr(settings)
+
+
+def test_jwt_enabled_with_only_an_hmac_secret(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"general_settings:\n  enable_jwt_auth: true\n"
+        f"budgetd:\n  jwt_hmac_secret: {JWT_SECRET}\n  jwt_algorithms: [hs256]\n",
+    )
+    jwt = load_settings(path, {}).jwt
+    assert (jwt.enabled, jwt.algorithms) == (True, ("HS256",))
+
+
+def test_jwt_public_key_from_the_environment(tmp_path: Path) -> None:
+    pem = _pem(ec.generate_private_key(ec.SECP384R1()))
+    path = write(
+        tmp_path,
+        "general_settings:\n  enable_jwt_auth: true\n"
+        "budgetd:\n  jwt_public_key: os.environ/IDP_PEM\n",
+    )
+    settings = load_settings(path, {"IDP_PEM": pem})
+    assert settings.jwt.public_key_pem == pem
+    assert pem not in repr(settings)
+    # A PEM squeezed onto one line with \n escapes, as environment variables often carry it.
+    one_line = pem.strip().replace("\n", "\\n")
+    assert load_settings(path, {"IDP_PEM": one_line}).jwt.public_key_pem == pem
+    message = config_error(path)
+    assert f"{path}: budgetd.jwt_public_key: os.environ/IDP_PEM" in message
+
+
+def test_jwt_public_key_may_be_a_certificate(tmp_path: Path) -> None:
+    certificate = _certificate(ec.generate_private_key(ec.SECP256R1()))
+    path = write(tmp_path, "budgetd:\n  jwt_public_key: os.environ/IDP_CERT\n")
+    assert load_settings(path, {"IDP_CERT": certificate}).jwt.public_key_pem == certificate
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (
+            lambda: _pem(ec.generate_private_key(ec.SECP256R1()), private=True),
+            "is a private key; give the token issuer's public key",
+        ),
+        (
+            lambda: _pem(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+            "is a 1024-bit RSA key; at least 2048 bits are required",
+        ),
+        (
+            lambda: _pem(ec.generate_private_key(ec.SECP224R1())),
+            "is an EC secp224r1 key, which no JWT algorithm uses",
+        ),
+        (lambda: "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "is not a PEM"),
+    ],
+    ids=["private key", "weak RSA", "unused curve", "broken PEM"],
+)
+def test_jwt_public_key_that_cannot_verify_is_refused(
+    tmp_path: Path, make: Callable[[], str], fragment: str
+) -> None:
+    path = write(tmp_path, "budgetd:\n  jwt_public_key: os.environ/IDP_PEM\n")
+    message = config_error(path, {"IDP_PEM": make()})
+    assert message.startswith(f"{path}: budgetd.jwt_public_key: ")
+    assert fragment in message
+    assert "PRIVATE" not in message
+
+
+def test_jwt_algorithms_forms(tmp_path: Path) -> None:
+    path = write(tmp_path, "budgetd:\n  jwt_algorithms: os.environ/ALGS\n")
+    jwt = load_settings(path, {"ALGS": "rs256, ES256K,eddsa,RS256"}).jwt
+    assert jwt.algorithms == ("RS256", "ES256K", "EdDSA")
+    message = config_error(path, {"ALGS": "RS256,NONE"})
+    assert f"{path}: budgetd.jwt_algorithms: must not list 'none'" in message
+    write(tmp_path, "budgetd:\n  jwt_algorithms: [PS512]\n")
+    assert load_settings(path, {}).jwt.algorithms == ("PS512",)
+    write(tmp_path, "budgetd:\n  jwt_algorithms: {RS256: true}\n")
+    assert "must be a list of JWT algorithms" in config_error(path)
+    write(tmp_path, "budgetd:\n  jwt_algorithms: [RS256, 256]\n")
+    assert "must list algorithm names (got 256)" in config_error(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("0", 0.0), ("45", 45.0), ("1m", 60.0), ("5m", 300.0)]
+)
+def test_jwt_leeway_forms(tmp_path: Path, value: str, seconds: float) -> None:
+    path = write(tmp_path, f"budgetd:\n  jwt_leeway: {value}\n")
+    assert load_settings(path, {}).jwt.leeway == seconds
+
+
+@pytest.mark.parametrize("value", ["-1", "6m", ".nan", "true", "soon"])
+def test_jwt_leeway_rejects(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"budgetd:\n  jwt_leeway: {value}\n")
+    assert config_error(path).startswith(f"{path}: budgetd.jwt_leeway: ")
+
+
+def test_jwt_audience_and_issuer_precedence(tmp_path: Path) -> None:
+    path = write(tmp_path, "budgetd:\n  jwt_audience: file-aud\n  jwt_issuer: file-iss\n")
+    jwt = load_settings(path, {}).jwt
+    assert (jwt.audience, jwt.issuer) == ("file-aud", "file-iss")
+    jwt = load_settings(path, {"JWT_AUDIENCE": "env-aud", "JWT_ISSUER": "env-iss"}).jwt
+    assert (jwt.audience, jwt.issuer) == ("env-aud", "env-iss")
+
+
+def test_jwt_enabled_with_a_jwks_url_from_the_environment(tmp_path: Path) -> None:
+    path = fixture("bad_jwt_without_key_source.yaml")
+    env = {"JWT_PUBLIC_KEY_URL": "https://a.example/jwks, https://b.example/jwks"}
+    jwt = load_settings(path, env).jwt
+    assert jwt.enabled is True
+    assert jwt.public_key_url == "https://a.example/jwks, https://b.example/jwks"
+    # A bad URL is reported as such, not also as a missing key source.
+    message = config_error(path, {"JWT_PUBLIC_KEY_URL": "ftp://idp/jwks"})
+    assert message.startswith("environment: JWT_PUBLIC_KEY_URL: must be a URL")
+    assert "enable_jwt_auth" not in message
+
+
+def test_jwt_settings_without_enable_jwt_auth_are_checked_but_not_required(
+    tmp_path: Path,
+) -> None:
+    pem = _pem(ec.generate_private_key(ec.SECP256R1()))
+    path = write(tmp_path, "budgetd:\n  jwt_public_key: os.environ/IDP_PEM\n")
+    jwt = load_settings(path, {"IDP_PEM": pem}).jwt
+    assert (jwt.enabled, jwt.public_key_pem) == (False, pem)

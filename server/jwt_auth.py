@@ -1,0 +1,694 @@
+"""JWT credentials: verify a bearer JWT (PyJWT) and read the team and user it names.
+
+Where the keys come from (``JwtSettings``):
+
+* ``JWT_PUBLIC_KEY_URL``: one or more comma-separated JWKS URLs whose keys are merged. They are
+  fetched with aiohttp and kept for ``litellm_jwtauth.public_key_ttl`` seconds. A token whose
+  ``kid`` is not known makes the verifier fetch again (key rotation), at most once per
+  ``refetch_interval`` seconds however many such tokens arrive, and concurrent callers share one
+  fetch. When the JWKS host is down, the keys fetched before keep being used (stale, for as
+  long as it stays down) rather than failing every request; a URL that has never answered
+  fails only the tokens it would have verified, and is retried at most once per
+  ``refetch_interval``. When the TTL has passed, the cached keys keep answering while the
+  refresh runs in the background, so no request waits on the identity provider while keys
+  are known (a withdrawn key is accepted until that refresh lands, milliseconds later).
+* ``budgetd.jwt_public_key``: a PEM public key (or certificate). It has no ``kid``, so it is
+  tried for any token its type fits.
+* ``budgetd.jwt_hmac_secret``: a shared secret, the only key HS256/HS384/HS512 tokens are ever
+  checked with, and it is never used for any other algorithm (no HS/RS confusion).
+
+Algorithms come from an allow-list (``JwtSettings.algorithms``); ``none`` is never accepted.
+A JWKS key's own ``alg``, when it has one, must be the token's, and the key type (RSA, the
+EC curve, Ed25519/Ed448) must fit the algorithm. JWKS keys of type ``oct`` (shared secrets)
+are ignored: an HMAC key published in a JWKS would let anyone who reads it sign tokens.
+
+Time claims are checked against the injected :class:`~server.clock.Clock` with
+``JwtSettings.leeway`` seconds of slack, not by PyJWT (which reads the wall clock). A token
+without ``exp`` is accepted, as LiteLLM does: the identity provider decides whether tokens
+expire. ``aud`` and ``iss`` are checked only when an audience / issuer is configured.
+
+Every problem with a token is a :class:`JwtInvalid` whose message says what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import aiohttp
+import jwt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.types import Options
+
+from server.clock import Clock
+
+if TYPE_CHECKING:
+    from server.config import JwtSettings
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "DEFAULT_ALGORITHMS",
+    "HMAC_ALGORITHMS",
+    "HMAC_MIN_SECRET_BYTES",
+    "SUPPORTED_ALGORITHMS",
+    "JwtIdentity",
+    "JwtInvalid",
+    "JwtVerifier",
+    "PublicKey",
+    "describe_key",
+    "key_fits",
+    "load_public_key_pem",
+]
+
+log = logging.getLogger("budgetd.jwt")
+
+RSA_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+# The curve each ECDSA algorithm is defined on (RFC 7518 §3.4, RFC 8812 for ES256K).
+EC_CURVES: Final[Mapping[str, type[ec.EllipticCurve]]] = MappingProxyType(
+    {"ES256": ec.SECP256R1, "ES256K": ec.SECP256K1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+)
+# RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
+HMAC_KEY_BYTES: Final[Mapping[str, int]] = MappingProxyType({"HS256": 32, "HS384": 48, "HS512": 64})
+HMAC_ALGORITHMS: Final = tuple(HMAC_KEY_BYTES)
+HMAC_MIN_SECRET_BYTES: Final = min(HMAC_KEY_BYTES.values())
+ASYMMETRIC_ALGORITHMS: Final = (*RSA_ALGORITHMS, *EC_CURVES, "EdDSA")
+SUPPORTED_ALGORITHMS: Final = (*ASYMMETRIC_ALGORITHMS, *HMAC_ALGORITHMS)
+# The allow-list when none is configured: every asymmetric algorithm in common use.
+DEFAULT_ALGORITHMS: Final = (*RSA_ALGORITHMS, "ES256", "ES384", "ES512", "EdDSA")
+
+PublicKey: TypeAlias = (
+    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+)
+_PUBLIC_KEY_TYPES: Final = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
+_PRIVATE_KEY_TYPES: Final = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+# PyJWT's own minimum (enforce_minimum_key_length); a weaker key is refused when loaded.
+MIN_RSA_BITS: Final = 2048
+# Bounds on what an untrusted token or JWKS response may make us parse.
+MAX_TOKEN_CHARS: Final = 32 * 1024
+MAX_JWKS_BYTES: Final = 1024 * 1024
+DEFAULT_REFETCH_INTERVAL: Final = 5.0
+DEFAULT_FETCH_TIMEOUT: Final = 5.0
+PEM_SOURCE: Final = "budgetd.jwt_public_key"
+
+
+class JwtInvalid(Exception):
+    """The token cannot be accepted; the message says why (it is shown to the caller)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIdentity:
+    """Who a verified token speaks for."""
+
+    team_id: str  # "" when the token names no team (and there is no team_id_default)
+    user_id: str  # "" when the token names no user
+    claims: Mapping[str, Any]  # every claim of the verified token, read-only
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and algorithms (also used by the config checks)
+# --------------------------------------------------------------------------------------------
+
+
+def key_fits(algorithm: str, key: PublicKey) -> bool:
+    """Whether ``key`` is of the type ``algorithm`` verifies with (RSA, the EC curve, EdDSA)."""
+    if algorithm in RSA_ALGORITHMS:
+        return isinstance(key, rsa.RSAPublicKey)
+    curve = EC_CURVES.get(algorithm)
+    if curve is not None:
+        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, curve)
+    if algorithm == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return False
+
+
+def describe_key(key: PublicKey) -> str:
+    """``an RSA key (2048 bits)``, ``an EC P-256 key``, ``an Ed25519 key``: for messages."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"an RSA key ({key.key_size} bits)"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        names = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+        return f"an EC {names.get(key.curve.name, key.curve.name)} key"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "an Ed25519 key"
+    return "an Ed448 key"
+
+
+def _key_problem(key: object) -> str | None:
+    """Why ``key`` cannot verify any supported algorithm, or None when it can."""
+    if not isinstance(key, _PUBLIC_KEY_TYPES):
+        return f"is a {type(key).__name__}; JWTs are verified with RSA, EC or Ed25519/Ed448 keys"
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return f"is a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits are required"
+    if not any(key_fits(algorithm, key) for algorithm in ASYMMETRIC_ALGORITHMS):
+        return f"is {describe_key(key)}, which no JWT algorithm uses"
+    return None
+
+
+def load_public_key_pem(text: str) -> PublicKey:
+    """Load a PEM public key (``-----BEGIN PUBLIC KEY-----``, PKCS#1 RSA) or certificate.
+
+    A PEM whose newlines were written as the two characters ``\\n`` (common in environment
+    variables) is accepted. Raises ``ValueError`` with a message that does not name the key.
+    """
+    if "\n" not in text and "\\n" in text:
+        text = text.replace("\\n", "\n")
+    data = text.strip().encode("utf-8", "replace")
+    if b"PRIVATE KEY-----" in data:
+        raise ValueError(
+            "is a private key; give the token issuer's public key (-----BEGIN PUBLIC KEY-----)"
+        )
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(
+            "is not a PEM public key (-----BEGIN PUBLIC KEY-----) or certificate"
+        ) from None
+    problem = _key_problem(key)
+    if problem is not None:
+        raise ValueError(problem)
+    assert isinstance(key, _PUBLIC_KEY_TYPES)  # _key_problem checked it
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A verification key: from a JWKS (with its kid and alg, if given) or the PEM."""
+
+    kid: str | None
+    alg: str | None
+    key: PublicKey
+    source: str  # the JWKS URL, or PEM_SOURCE
+
+
+def _jwk_key(entry: object, source: str) -> _Key | str:
+    """A JWKS entry as a key, or why it is skipped (a bad entry must not spoil the others)."""
+    if not isinstance(entry, dict):
+        return "is not a JSON object"
+    kty, kid, alg = entry.get("kty"), entry.get("kid"), entry.get("alg")
+    if kid is not None and not isinstance(kid, str):
+        return "has a kid that is not a string"
+    if kty == "oct":
+        return "is a shared secret (kty oct); HS algorithms use only budgetd.jwt_hmac_secret"
+    if entry.get("use") not in (None, "sig"):
+        return f"is for use {entry.get('use')!r}, not signatures"
+    ops = entry.get("key_ops")
+    if isinstance(ops, list) and "verify" not in ops:
+        return "does not list verify in its key_ops"
+    if alg is not None and alg not in ASYMMETRIC_ALGORITHMS:
+        return f"is for algorithm {alg!r}, which budgetd does not verify with JWKS keys"
+    # PyJWK infers ES256/RS256 from the key type when there is no alg; OKP keys (Ed25519 and
+    # Ed448) are all EdDSA, which PyJWK only infers for Ed25519.
+    hint = alg if alg is not None else ("EdDSA" if kty == "OKP" else None)
+    try:
+        loaded: object = jwt.PyJWK.from_dict(entry, algorithm=hint).key
+    # The entry is untrusted JSON: whatever PyJWT or cryptography raise on it means "skip it".
+    except Exception as exc:
+        return f"cannot be loaded ({exc})"
+    if isinstance(loaded, _PRIVATE_KEY_TYPES):
+        loaded = loaded.public_key()  # a JWKS that leaks private parts still verifies
+    problem = _key_problem(loaded)
+    if problem is not None:
+        return problem
+    assert isinstance(loaded, _PUBLIC_KEY_TYPES)
+    return _Key(kid=kid, alg=alg, key=loaded, source=source)
+
+
+def _parse_jwks(document: object, url: str) -> tuple[_Key, ...]:
+    """The usable keys of a JWKS document; ``ValueError`` if it is not a JWKS at all."""
+    entries: object
+    if isinstance(document, dict) and "keys" in document:
+        entries = document["keys"]
+    elif isinstance(document, dict) and "kty" in document:
+        entries = [document]  # a single JWK, which LiteLLM also accepts
+    else:
+        entries = document  # a bare list of JWKs (LiteLLM accepts it too)
+    if not isinstance(entries, list):
+        raise ValueError("the response is not a JWK Set (no 'keys' list)")
+    keys: list[_Key] = []
+    for index, entry in enumerate(entries):
+        found = _jwk_key(entry, url)
+        if isinstance(found, str):
+            name = entry.get("kid") if isinstance(entry, dict) else None
+            log.warning("JWKS at %s: key %s %s; skipped", url, name or f"#{index}", found)
+        else:
+            keys.append(found)
+    return tuple(keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Claims
+# --------------------------------------------------------------------------------------------
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> object:
+    """A claim by name, or by dotted path (``realm.team``) when no claim has that exact name.
+
+    The exact name wins because namespaced claims (``https://example.com/team``) contain dots.
+    """
+    if path in claims:
+        return claims[path]
+    value: object = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _claim_text(value: object, name: str) -> str:
+    """A claim value as an id: strings as they are, integers in decimal, nothing else."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = "a boolean" if isinstance(value, bool) else f"a {type(value).__name__}"
+    raise JwtInvalid(f"JWT claim {name!r} must be a string or an integer (got {kind})")
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(float(value))
+    ):
+        raise JwtInvalid(f"JWT claim {name!r} must be a number of seconds since the epoch")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# The verifier
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Jwks:
+    """One JWKS URL's keys, and how fresh they are."""
+
+    url: str
+    keys: tuple[_Key, ...] = ()
+    fetched_at: float | None = None  # None: never fetched successfully
+    error: str | None = None  # why the last fetch failed (None: it did not)
+
+
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    keys: tuple[_Key, ...]  # the keys to try, all fitting the algorithm
+    exact: bool  # whether they were found by the token's kid
+    problem: str  # what to say when there is nothing to try
+
+
+class _FetchError(Exception):
+    """A JWKS URL answered, but not with a JWKS."""
+
+
+class JwtVerifier:
+    """Verifies JWTs against the configured keys; one per process, shared by all requests.
+
+    ``fetch`` replaces the HTTP GET of a JWKS URL (it returns the decoded JSON); without it
+    the verifier owns an aiohttp session, opened by :meth:`start` (or the first fetch) and
+    closed by :meth:`close`. ``refetch_interval`` is the least time between two JWKS fetches
+    started by unknown ``kid``s, expired caches or failures.
+    """
+
+    def __init__(
+        self,
+        settings: JwtSettings,
+        *,
+        clock: Clock,
+        fetch: Callable[[str], Awaitable[object]] | None = None,
+        refetch_interval: float = DEFAULT_REFETCH_INTERVAL,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._fetch = fetch
+        self._refetch_interval = refetch_interval
+        self._fetch_timeout = fetch_timeout
+        # "none" and unknown names are dropped even if a hand-built JwtSettings lists them.
+        self._algorithms = frozenset(a for a in settings.algorithms if a in SUPPORTED_ALGORITHMS)
+        urls = [url.strip() for url in (settings.public_key_url or "").split(",")]
+        self._jwks = tuple(_Jwks(url) for url in dict.fromkeys(url for url in urls if url))
+        self._pem: _Key | None = None
+        if settings.public_key_pem is not None:
+            try:
+                pem_key = load_public_key_pem(settings.public_key_pem)
+            except ValueError as exc:
+                raise ValueError(f"{PEM_SOURCE} {exc}") from None
+            self._pem = _Key(kid=None, alg=None, key=pem_key, source=PEM_SOURCE)
+        self._secret = settings.hmac_secret.encode() if settings.hmac_secret else None
+        # Claim checks are ours (our clock, our messages); PyJWT checks the signature, with
+        # keys below the recommended size refused rather than merely warned about.
+        options: Options = {
+            "verify_signature": True,
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": False,
+            "verify_iss": False,
+            "verify_sub": False,
+            "verify_jti": False,
+            "enforce_minimum_key_length": True,
+        }
+        self._jwt = jwt.PyJWT(options)
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        self._last_attempt: float | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> JwtVerifier:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the HTTP session for JWKS URLs (nothing is fetched until a token needs keys)."""
+        if self._fetch is None and self._jwks and self._session is None and not self._closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._fetch_timeout)
+            )
+
+    async def close(self) -> None:
+        """Stop any fetch in flight and close the HTTP session."""
+        self._closed = True
+        task, self._refreshing = self._refreshing, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def refresh(self) -> None:
+        """Fetch every JWKS URL now (joining a fetch in flight); failures keep cached keys."""
+        task = self._refreshing or self._start_refresh()
+        # Shielded: a caller that gives up must not cancel the fetch the others wait for.
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this caller is being cancelled
+            # The fetch was stopped by close(); its callers carry on with the keys they have.
+
+    async def verify(self, token: str) -> JwtIdentity:
+        """Verify ``token`` (the bearer credential, without ``Bearer``) and read its identity.
+
+        Raises :class:`JwtInvalid`, naming the problem, for every token that cannot be
+        accepted: malformed, an algorithm off the allow-list, a bad signature, no key for its
+        ``kid``, expired or not yet valid, the wrong audience or issuer, a bad identity claim.
+        """
+        header = self._header(token)
+        token = token.strip()
+        alg, kid = header["alg"], header.get("kid")
+        if alg in HMAC_ALGORITHMS:
+            claims = self._verify_hmac(token, alg)
+        else:
+            claims = await self._verify_public(token, alg, kid)
+        self._check_claims(claims)
+        return self._identity(claims)
+
+    # -- the header ----------------------------------------------------------------------------
+
+    def _header(self, token: object) -> dict[str, Any]:
+        if not isinstance(token, str):
+            raise JwtInvalid("JWT is malformed (not a string)")
+        token = token.strip()
+        if not token:
+            raise JwtInvalid("JWT is malformed (empty)")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise JwtInvalid(f"JWT is malformed (longer than {MAX_TOKEN_CHARS} characters)")
+        segments = token.count(".") + 1
+        if segments != 3:
+            raise JwtInvalid(
+                f"JWT is malformed (expected 3 dot-separated segments, got {segments})"
+            )
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise JwtInvalid(f"JWT is malformed ({exc})") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or not alg:
+            raise JwtInvalid("JWT is malformed (its header names no alg)")
+        if alg.lower() == "none":
+            raise JwtInvalid(f"JWT algorithm {alg!r} is not allowed: a JWT must be signed")
+        if alg not in self._algorithms:
+            allowed = ", ".join(a for a in SUPPORTED_ALGORITHMS if a in self._algorithms)
+            raise JwtInvalid(f"JWT algorithm {alg!r} is not allowed (allowed: {allowed})")
+        return header
+
+    # -- signatures ----------------------------------------------------------------------------
+
+    def _verify_hmac(self, token: str, alg: str) -> dict[str, Any]:
+        # HS tokens are checked with the configured secret and nothing else: never with a
+        # public key, whose PEM text an attacker knows (the HS/RS confusion attack).
+        if self._secret is None:
+            raise JwtInvalid(f"JWT algorithm {alg!r} needs budgetd.jwt_hmac_secret, which is unset")
+        claims = self._decode(token, alg, self._secret)
+        if claims is None:
+            raise JwtInvalid("JWT signature is invalid")
+        return claims
+
+    async def _verify_public(self, token: str, alg: str, kid: str | None) -> dict[str, Any]:
+        if not self._jwks and self._pem is None:
+            raise JwtInvalid(
+                "JWT cannot be verified: no key source is configured (set JWT_PUBLIC_KEY_URL, "
+                "budgetd.jwt_public_key or budgetd.jwt_hmac_secret)"
+            )
+        if self._jwks:
+            await self._freshen()
+        selection = self._select(alg, kid)
+        if selection.keys:
+            claims = self._try(token, alg, selection.keys)
+            if claims is not None:
+                return claims
+            if selection.exact:
+                # The kid is known: its key did not sign this. Fetching again would let
+                # anyone with a forged signature make us hammer the JWKS host.
+                raise JwtInvalid("JWT signature is invalid")
+        # An unknown kid, or no key that verifies: the issuer may have rotated its keys.
+        if self._jwks and self._may_fetch():
+            await self.refresh()
+            selection = self._select(alg, kid)
+            claims = self._try(token, alg, selection.keys) if selection.keys else None
+            if claims is not None:
+                return claims
+        if selection.keys:
+            raise JwtInvalid("JWT signature is invalid")
+        raise JwtInvalid(selection.problem)
+
+    def _try(self, token: str, alg: str, keys: Sequence[_Key]) -> dict[str, Any] | None:
+        """The claims if one of ``keys`` verifies the signature, else None."""
+        for key in keys:
+            claims = self._decode(token, alg, key.key)
+            if claims is not None:
+                return claims
+        return None
+
+    def _decode(self, token: str, alg: str, key: PublicKey | bytes) -> dict[str, Any] | None:
+        """The claims if ``key`` verifies the token's signature, None if it does not."""
+        try:
+            # algorithms=[alg]: alg is the token's, but it was checked against our allow-list
+            # and ``key`` was chosen to fit it, so the token cannot pick how it is verified.
+            return self._jwt.decode(token, key, algorithms=[alg])
+        except jwt.InvalidSignatureError:
+            return None
+        except jwt.InvalidKeyError as exc:
+            # A key too weak for the algorithm (a short HMAC secret): it cannot vouch.
+            log.warning("JWT key refused for %s: %s", alg, exc)
+            return None
+        except jwt.DecodeError as exc:
+            raise JwtInvalid(f"JWT is malformed ({exc})") from None
+        except jwt.PyJWTError as exc:
+            raise JwtInvalid(f"JWT is invalid ({exc})") from None
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _select(self, alg: str, kid: str | None) -> _Selection:
+        """The keys that may have signed a token with this ``alg`` and ``kid``."""
+        known = [key for jwks in self._jwks for key in jwks.keys]
+        if self._pem is not None:
+            known.append(self._pem)
+        matched = [key for key in known if kid is not None and key.kid == kid]
+        exact = bool(matched)
+        if not exact:
+            # Without a kid match, the keys that have no kid (the PEM, kid-less JWKS keys)
+            # may have signed it; a token without a kid may be any key's.
+            matched = [key for key in known if kid is None or key.kid is None]
+        fitting = tuple(key for key in matched if key.alg in (None, alg) and key_fits(alg, key.key))
+        return _Selection(fitting, exact, self._problem(alg, kid, matched, exact))
+
+    def _problem(self, alg: str, kid: str | None, matched: list[_Key], exact: bool) -> str:
+        """Why no key can verify the token (only used when ``fitting`` is empty)."""
+        errors = "; ".join(jwks.error for jwks in self._jwks if jwks.error)
+        if exact:
+            key = matched[0]
+            if key.alg not in (None, alg):
+                return f"JWT key id {kid!r} is for {key.alg}, not {alg}"
+            return f"JWT key id {kid!r} cannot verify {alg}: it is {describe_key(key.key)}"
+        if not any(jwks.keys for jwks in self._jwks) and self._pem is None and errors:
+            return errors  # nothing has ever been fetched: say why
+        if kid is not None and not matched:
+            where = "the JWKS" if self._jwks else PEM_SOURCE
+            return f"JWT key id {kid!r} is not in {where}" + (f" ({errors})" if errors else "")
+        return f"JWT cannot be verified: no configured key fits algorithm {alg!r}" + (
+            f" ({errors})" if errors else ""
+        )
+
+    async def _freshen(self) -> None:
+        """Make sure there are JWKS keys to try, and refresh them when their TTL has passed."""
+        now = self._clock.now()
+        if not any(jwks.fetched_at is not None for jwks in self._jwks):
+            # Nothing cached: this token must wait for the first fetch (or share it).
+            if self._may_fetch():
+                await self.refresh()
+            return
+        ttl = self._settings.public_key_ttl
+        stale = any(jwks.fetched_at is None or now - jwks.fetched_at >= ttl for jwks in self._jwks)
+        if stale and self._refreshing is None and self._may_fetch():
+            # Cached keys keep answering; the refresh runs in the background.
+            self._start_refresh()
+
+    def _may_fetch(self) -> bool:
+        """Whether a fetch is in flight (join it) or the last one is long enough ago."""
+        if self._closed:
+            return False
+        if self._refreshing is not None or self._last_attempt is None:
+            return True
+        return self._clock.now() - self._last_attempt >= self._refetch_interval
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        """Start fetching every JWKS URL; concurrent callers wait on this one task."""
+        self._last_attempt = self._clock.now()
+        task = asyncio.create_task(self._fetch_all(), name="budgetd-jwks-refresh")
+        self._refreshing = task
+        task.add_done_callback(self._refresh_done)
+        return task
+
+    def _refresh_done(self, task: asyncio.Task[None]) -> None:
+        if self._refreshing is task:
+            self._refreshing = None
+
+    async def _fetch_all(self) -> None:
+        await asyncio.gather(*(self._fetch_one(jwks) for jwks in self._jwks))
+
+    async def _fetch_one(self, jwks: _Jwks) -> None:
+        try:
+            document = await (self._fetch or self._http_get)(jwks.url)
+            keys = _parse_jwks(document, jwks.url)
+        except asyncio.CancelledError:
+            jwks.error = f"JWKS at {jwks.url} could not be fetched: the verifier is closing"
+            raise
+        # Whatever goes wrong (network, HTTP status, JSON, a custom fetch's own errors), the
+        # previous keys stay: a brief outage of the identity provider must not lock everyone out.
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {self._fetch_timeout:g} s"
+            jwks.error = f"JWKS at {jwks.url} could not be fetched: {reason}"
+            if jwks.fetched_at is not None:
+                log.warning(
+                    "%s; still using the %d keys fetched before", jwks.error, len(jwks.keys)
+                )
+            else:
+                log.warning("%s", jwks.error)
+            return
+        jwks.keys, jwks.fetched_at, jwks.error = keys, self._clock.now(), None
+        log.debug("JWKS at %s: %d keys", jwks.url, len(keys))
+
+    async def _http_get(self, url: str) -> object:
+        if self._closed:
+            raise _FetchError("the verifier is closed")
+        await self.start()
+        assert self._session is not None
+        async with self._session.get(url, headers={"Accept": "application/json"}) as response:
+            if response.status != 200:
+                raise _FetchError(f"HTTP {response.status}")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise _FetchError(f"the response is larger than {MAX_JWKS_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise _FetchError("the response is not JSON") from None
+
+    # -- claims --------------------------------------------------------------------------------
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> None:
+        now, leeway = self._clock.now(), self._settings.leeway
+        expires = _numeric_date(claims, "exp")
+        if expires is not None and now - leeway >= expires:
+            raise JwtInvalid("JWT has expired")
+        not_before = _numeric_date(claims, "nbf")
+        if not_before is not None and not_before > now + leeway:
+            raise JwtInvalid("JWT is not valid yet (nbf is in the future)")
+        issued = _numeric_date(claims, "iat")
+        if issued is not None and issued > now + leeway:
+            raise JwtInvalid("JWT is not valid yet (iat is in the future)")
+        issuer = self._settings.issuer
+        if issuer is not None:
+            if "iss" not in claims:
+                raise JwtInvalid(f"JWT has no iss claim; the issuer must be {issuer!r}")
+            if claims["iss"] != issuer:
+                raise JwtInvalid(f"JWT issuer is not {issuer!r}")
+        audience = self._settings.audience
+        if audience is not None:
+            given = claims.get("aud")
+            if given is None:
+                raise JwtInvalid(f"JWT has no aud claim; the audience must be {audience!r}")
+            audiences = [given] if isinstance(given, str) else given
+            if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+                raise JwtInvalid("JWT claim 'aud' must be a string or a list of strings")
+            if audience not in audiences:
+                raise JwtInvalid(f"JWT audience is not {audience!r}")
+
+    def _identity(self, claims: dict[str, Any]) -> JwtIdentity:
+        settings = self._settings
+        team = ""
+        if settings.team_id_jwt_field:
+            field = settings.team_id_jwt_field
+            team = _claim_text(_claim(claims, field), field)
+        if not team and settings.team_ids_jwt_field:
+            field = settings.team_ids_jwt_field
+            teams = _claim(claims, field)
+            if teams is not None and not isinstance(teams, list):
+                raise JwtInvalid(f"JWT claim {field!r} must be a list of team ids")
+            if teams:
+                team = _claim_text(teams[0], f"{field}[0]")
+        if not team and settings.team_id_default:
+            team = settings.team_id_default
+        user = ""
+        if settings.user_id_jwt_field:
+            field = settings.user_id_jwt_field
+            user = _claim_text(_claim(claims, field), field)
+        return JwtIdentity(team_id=team, user_id=user, claims=MappingProxyType(claims))
