@@ -27,7 +27,15 @@ from aiohttp import web
 
 from clients.grpc_client import BudgetdClient, RpcError, pb
 from clients.http import HttpError, from_rpc_error, json_response, read_body
-from server.denials import ALLOW_HEADERS, HEADER_MESSAGE, HEADER_STATUS, allow_headers, http_denial
+from server.denials import (
+    ALLOW_HEADERS,
+    HEADER_MESSAGE,
+    HEADER_STATUS,
+    RateHeaders,
+    allow_headers,
+    http_denial,
+    split_credential,
+)
 from server.envoy.authz import credential as key_and_carriers
 from server.envoy.openai import BodyError, RequestFacts, parse_request
 
@@ -118,15 +126,19 @@ class GatewayAuth:
     ) -> Verdict:
         """Ask budgetd about this request; HttpError when it cannot be asked or answered."""
         # A missing key is asked about too: budgetd answers KEY_INVALID and counts it.
-        key, _ = credential(request)
+        token, _ = credential(request)
         facts = await self._facts(request, partial_body) if with_body else RequestFacts()
+        api_key, jwt = split_credential(token or "")
         check = pb.CheckBudgetRequest(
-            api_key=key or "",
             model=facts.model,
             request_id=_request_id(request),
             max_tokens=facts.max_tokens,
             prompt_tokens=facts.prompt_tokens,
         )
+        if jwt:
+            check.jwt = jwt
+        else:
+            check.api_key = api_key
         try:
             answer = await self._client.check_budget(check)
         except RpcError as exc:
@@ -147,7 +159,12 @@ class GatewayAuth:
         log.debug(
             "denied %s %s: %s %s", request.method, _original_uri(request), reason, answer.message
         )
-        return _denied(reason, answer.message, retry_after, self._deny_status)
+        rate = None
+        if answer.HasField("ratelimit_limit"):
+            rate = RateHeaders(
+                answer.ratelimit_limit, answer.ratelimit_remaining, answer.ratelimit_reset
+            )
+        return _denied(reason, answer.message, retry_after, self._deny_status, rate)
 
     async def _facts(self, request: web.Request, partial_body: bool) -> RequestFacts:
         """Model, max_tokens and prompt size from the forwarded body (same rules as Envoy's
@@ -167,8 +184,8 @@ class GatewayAuth:
 
 
 def credential(request: web.Request) -> tuple[str | None, str | None]:
-    """The API key of a request (``Authorization: Bearer`` first, then ``x-api-key``) and
-    the header that carried it; ``(None, None)`` without one."""
+    """The credential of a request (``Authorization: Bearer`` first, then ``x-api-key``; an
+    API key or a JWT) and the header that carried it; ``(None, None)`` without one."""
     key, carriers = key_and_carriers(_lower_headers(request))
     return (key, carriers[0]) if key else (None, None)
 
@@ -177,8 +194,14 @@ def _lower_headers(request: web.Request) -> dict[str, str]:
     return {name.lower(): value for name, value in request.headers.items()}
 
 
-def _denied(reason: str, message: str, retry_after: float | None, deny_status: int) -> Verdict:
-    denial = http_denial(reason, message, retry_after, deny_status=deny_status)
+def _denied(
+    reason: str,
+    message: str,
+    retry_after: float | None,
+    deny_status: int,
+    rate: RateHeaders | None = None,
+) -> Verdict:
+    denial = http_denial(reason, message, retry_after, deny_status=deny_status, rate=rate)
     return Verdict(denial.status, dict(denial.headers), denial.body)
 
 

@@ -190,6 +190,48 @@ class BudgetdClient:
         """GetSpend (a spend report from the ledger) with the caller's ``authorization``."""
         return await self._admin(self.stub.GetSpend, request, authorization)
 
+    async def add_team_member(
+        self, request: pb.TeamMemberRequest, *, authorization: str | None
+    ) -> pb.TeamMember:
+        """AddTeamMember with the caller's ``authorization`` (ALREADY_EXISTS for a member)."""
+        return await self._admin(self.stub.AddTeamMember, request, authorization)
+
+    async def update_team_member(
+        self, request: pb.TeamMemberRequest, *, authorization: str | None
+    ) -> pb.TeamMember:
+        """UpdateTeamMember with the caller's ``authorization`` (NOT_FOUND for a non-member)."""
+        return await self._admin(self.stub.UpdateTeamMember, request, authorization)
+
+    async def remove_team_member(
+        self, request: pb.RemoveTeamMemberRequest, *, authorization: str | None
+    ) -> pb.TeamMember:
+        """RemoveTeamMember with the caller's ``authorization``; answers the removed member."""
+        return await self._admin(self.stub.RemoveTeamMember, request, authorization)
+
+    async def list_team_members(
+        self, request: pb.ListTeamMembersRequest, *, authorization: str | None
+    ) -> pb.ListTeamMembersResponse:
+        """ListTeamMembers with the caller's ``authorization``."""
+        return await self._admin(self.stub.ListTeamMembers, request, authorization)
+
+    async def block_team(self, request: pb.GetTeamRequest, *, authorization: str | None) -> pb.Team:
+        """BlockTeam (its requests are denied with TEAM_BLOCKED) with ``authorization``."""
+        return await self._admin(self.stub.BlockTeam, request, authorization)
+
+    async def unblock_team(
+        self, request: pb.GetTeamRequest, *, authorization: str | None
+    ) -> pb.Team:
+        """UnblockTeam with the caller's ``authorization``."""
+        return await self._admin(self.stub.UnblockTeam, request, authorization)
+
+    async def block_key(self, request: pb.GetKeyRequest, *, authorization: str | None) -> pb.Key:
+        """BlockKey (its requests are denied with KEY_BLOCKED) with ``authorization``."""
+        return await self._admin(self.stub.BlockKey, request, authorization)
+
+    async def unblock_key(self, request: pb.GetKeyRequest, *, authorization: str | None) -> pb.Key:
+        """UnblockKey with the caller's ``authorization``."""
+        return await self._admin(self.stub.UnblockKey, request, authorization)
+
     # -- health ----------------------------------------------------------------------------
 
     async def serving(self) -> bool:

@@ -11,7 +11,17 @@ import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from server import request_log
-from server.admin import Admin, KeyView, NewKey, NewTeam, TeamChanges, TeamView
+from server.admin import (
+    Admin,
+    KeyView,
+    MemberChanges,
+    MemberView,
+    ModelBudgetInput,
+    NewKey,
+    NewTeam,
+    TeamChanges,
+    TeamView,
+)
 from server.api_reports import list_keys_request, spend_request, spend_response
 from server.authority import Authority, CheckRequest, Decision, SpendRequest
 from server.errors import BudgetdError, Unauthenticated, Unavailable, grpc_code
@@ -21,7 +31,7 @@ from server.identity import bearer_token, master_key_matches
 from server.metrics import Metrics
 from server.money import nanos_to_usd
 from server.reports import SpendReports
-from server.storage.base import ScopeKind
+from server.storage.base import ModelBudget, ScopeKind
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -37,6 +47,7 @@ BAD_MASTER_KEY = "admin calls need metadata 'authorization: Bearer <master key>'
 _SCOPES = {
     ScopeKind.KEY: pb.SCOPE_KEY,
     ScopeKind.TEAM: pb.SCOPE_TEAM,
+    ScopeKind.MEMBER: pb.SCOPE_TEAM_MEMBER,
 }
 
 
@@ -68,6 +79,7 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             user_id=request.user_id,
             max_tokens=_opt(request, "max_tokens"),
             prompt_tokens=_opt(request, "prompt_tokens"),
+            jwt=request.jwt,
         )
         call = self._authority.check(req)
         decision, seconds = await self._decide(context, "CheckBudget", req.request_id, call)
@@ -110,6 +122,13 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             rpm_limit=_opt(request, "rpm_limit"),
             models=list(request.models),
             metadata=json_format.MessageToDict(request.metadata),
+            soft_budget=_opt(request, "soft_budget"),
+            team_member_budget=_opt(request, "team_member_budget"),
+            team_member_budget_duration=request.team_member_budget_duration,
+            team_member_rpm_limit=_opt(request, "team_member_rpm_limit"),
+            team_member_tpm_limit=_opt(request, "team_member_tpm_limit"),
+            model_max_budget=_model_budgets_in(request.model_max_budget),
+            blocked=request.blocked,
         )
         return team_to_pb(await self._guard(context, self._admin.create_team(req)))
 
@@ -140,6 +159,19 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             metadata=json_format.MessageToDict(request.metadata)
             if request.HasField("metadata")
             else None,
+            soft_budget=_opt(request, "soft_budget"),
+            team_member_budget=_opt(request, "team_member_budget"),
+            team_member_budget_duration=_opt(request, "team_member_budget_duration"),
+            team_member_rpm_limit=_opt(request, "team_member_rpm_limit"),
+            team_member_tpm_limit=_opt(request, "team_member_tpm_limit"),
+            model_max_budget=_model_budgets_in(request.model_max_budget)
+            if request.update_model_max_budget or request.model_max_budget
+            else None,
+            blocked=_opt(request, "blocked"),
+            clear_soft_budget=request.clear_soft_budget,
+            clear_team_member_budget=request.clear_team_member_budget,
+            clear_team_member_rpm_limit=request.clear_team_member_rpm_limit,
+            clear_team_member_tpm_limit=request.clear_team_member_tpm_limit,
         )
         return team_to_pb(await self._guard(context, self._admin.update_team(req)))
 
@@ -153,6 +185,12 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             expires=_ts_or_none(request.expires) if request.HasField("expires") else None,
             models=list(request.models),
             user_id=request.user_id,
+            duration=request.duration,
+            soft_budget=_opt(request, "soft_budget"),
+            rpm_limit=_opt(request, "rpm_limit"),
+            tpm_limit=_opt(request, "tpm_limit"),
+            model_max_budget=_model_budgets_in(request.model_max_budget),
+            blocked=request.blocked,
         )
         issued = await self._guard(context, self._admin.issue_key(req))
         key = issued.view.key
@@ -167,6 +205,11 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             expires=_ts(key.expires_at),
             models=list(key.models),
             user_id=key.user_id,
+            soft_budget=_usd_or_none(key.soft_budget_nanos),
+            rpm_limit=key.rpm_limit,
+            tpm_limit=key.tpm_limit,
+            model_max_budget=_model_budgets_out(key.model_max_budget),
+            blocked=key.blocked,
         )
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Context) -> pb.Key:
@@ -186,6 +229,52 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             context, self._admin.list_keys(team_id, size, token, include_revoked=revoked)
         )
         return pb.ListKeysResponse(keys=[key_to_pb(k) for k in keys], next_page_token=next_token)
+
+    async def AddTeamMember(self, request: pb.TeamMemberRequest, context: Context) -> pb.TeamMember:
+        await self._authorize(context)
+        view = await self._guard(context, self._admin.add_member(_member_changes(request)))
+        return member_to_pb(view)
+
+    async def UpdateTeamMember(
+        self, request: pb.TeamMemberRequest, context: Context
+    ) -> pb.TeamMember:
+        await self._authorize(context)
+        view = await self._guard(context, self._admin.update_member(_member_changes(request)))
+        return member_to_pb(view)
+
+    async def RemoveTeamMember(
+        self, request: pb.RemoveTeamMemberRequest, context: Context
+    ) -> pb.TeamMember:
+        await self._authorize(context)
+        call = self._admin.remove_member(request.team_id, request.user_id)
+        return member_to_pb(await self._guard(context, call))
+
+    async def ListTeamMembers(
+        self, request: pb.ListTeamMembersRequest, context: Context
+    ) -> pb.ListTeamMembersResponse:
+        await self._authorize(context)
+        views = await self._guard(context, self._admin.list_members(request.team_id))
+        return pb.ListTeamMembersResponse(members=[member_to_pb(v) for v in views])
+
+    async def BlockTeam(self, request: pb.GetTeamRequest, context: Context) -> pb.Team:
+        await self._authorize(context)
+        call = self._admin.set_team_blocked(request.team_id, True)
+        return team_to_pb(await self._guard(context, call))
+
+    async def UnblockTeam(self, request: pb.GetTeamRequest, context: Context) -> pb.Team:
+        await self._authorize(context)
+        call = self._admin.set_team_blocked(request.team_id, False)
+        return team_to_pb(await self._guard(context, call))
+
+    async def BlockKey(self, request: pb.GetKeyRequest, context: Context) -> pb.Key:
+        await self._authorize(context)
+        call = self._admin.set_key_blocked(True, request.key_id, request.key)
+        return key_to_pb(await self._guard(context, call))
+
+    async def UnblockKey(self, request: pb.GetKeyRequest, context: Context) -> pb.Key:
+        await self._authorize(context)
+        call = self._admin.set_key_blocked(False, request.key_id, request.key)
+        return key_to_pb(await self._guard(context, call))
 
     async def GetSpend(self, request: pb.GetSpendRequest, context: Context) -> pb.GetSpendResponse:
         await self._authorize(context)
@@ -269,8 +358,59 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct | None:
     return out
 
 
+def _model_budgets_in(given: Any) -> dict[str, ModelBudgetInput]:
+    return {
+        model: ModelBudgetInput(entry.budget_limit, entry.time_period)
+        for model, entry in given.items()
+    }
+
+
+def _model_budgets_out(budgets: Any) -> dict[str, pb.ModelBudget]:
+    return {
+        model: pb.ModelBudget(budget_limit=nanos_to_usd(b.limit_nanos), time_period=b.duration)
+        for model, b in budgets.items()
+        if isinstance(b, ModelBudget)
+    }
+
+
+def _member_changes(request: pb.TeamMemberRequest) -> MemberChanges:
+    return MemberChanges(
+        team_id=request.team_id,
+        user_id=request.user_id,
+        max_budget=_opt(request, "max_budget"),
+        budget_duration=_opt(request, "budget_duration"),
+        rpm_limit=_opt(request, "rpm_limit"),
+        tpm_limit=_opt(request, "tpm_limit"),
+        clear_max_budget=request.clear_max_budget,
+        clear_rpm_limit=request.clear_rpm_limit,
+        clear_tpm_limit=request.clear_tpm_limit,
+        clear_budget_duration=request.clear_budget_duration,
+    )
+
+
+def member_to_pb(view: MemberView) -> pb.TeamMember:
+    """The wire form of a team member with what applies to them and their spend."""
+    member, terms = view.member, view.terms
+    return pb.TeamMember(
+        team_id=member.team_id,
+        user_id=member.user_id,
+        max_budget=_usd_or_none(member.max_budget_nanos),
+        budget_duration=member.budget_duration,
+        rpm_limit=member.rpm_limit,
+        tpm_limit=member.tpm_limit,
+        effective_max_budget=_usd_or_none(terms.max_budget_nanos),
+        effective_budget_duration=terms.budget_duration,
+        effective_rpm_limit=terms.rpm_limit,
+        effective_tpm_limit=terms.tpm_limit,
+        spend=nanos_to_usd(view.spend_nanos),
+        budget_reset_at=_ts(view.budget_reset_at),
+        created_at=_ts(member.created_at),
+    )
+
+
 def decision_to_pb(decision: Decision) -> pb.CheckBudgetResponse:
     """The wire form of a Decision."""
+    rate = decision.rate
     return pb.CheckBudgetResponse(
         allowed=decision.allowed,
         reason=pb.Reason.Value(decision.reason.value),
@@ -286,6 +426,12 @@ def decision_to_pb(decision: Decision) -> pb.CheckBudgetResponse:
         reservation_id=decision.reservation_id,
         reserved=nanos_to_usd(decision.reserved_nanos),
         retry_after=decision.retry_after,
+        user_id=decision.user_id,
+        model=decision.model,
+        soft_budget_exceeded=decision.soft_budget_exceeded,
+        ratelimit_limit=rate.per_minute if rate else None,
+        ratelimit_remaining=rate.remaining if rate else None,
+        ratelimit_reset=rate.reset_after if rate else None,
     )
 
 
@@ -305,6 +451,12 @@ def team_to_pb(view: TeamView) -> pb.Team:
         metadata=_struct(team.metadata),
         blocked=team.blocked,
         created_at=_ts(team.created_at),
+        soft_budget=_usd_or_none(team.soft_budget_nanos),
+        team_member_budget=_usd_or_none(team.member_budget_nanos),
+        team_member_budget_duration=team.member_budget_duration,
+        team_member_rpm_limit=team.member_rpm_limit,
+        team_member_tpm_limit=team.member_tpm_limit,
+        model_max_budget=_model_budgets_out(team.model_max_budget),
     )
 
 
@@ -325,4 +477,9 @@ def key_to_pb(view: KeyView) -> pb.Key:
         revoked=key.revoked_at is not None,
         created_at=_ts(key.created_at),
         key_prefix=key.key_prefix,
+        blocked=key.blocked,
+        soft_budget=_usd_or_none(key.soft_budget_nanos),
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
+        model_max_budget=_model_budgets_out(key.model_max_budget),
     )

@@ -26,7 +26,9 @@ from server.envoy.ext_proc import EnvoySpend
 from server.errors import Unavailable
 from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
+from server.jwt_auth import JwtVerifier
 from server.metrics import Metrics, MetricsServer
+from server.principals import Principals
 from server.reports import SpendReports
 from server.spool import Spool
 from server.storage.base import CounterStore, RecordStore
@@ -113,6 +115,7 @@ class BudgetdServer:
         self.admin: Admin | None = None
         self._replayer: asyncio.Task[None] | None = None
         self._envoy_spend: EnvoySpend | None = None
+        self._jwt: JwtVerifier | None = None
 
     @property
     def stores(self) -> Stores:
@@ -131,6 +134,15 @@ class BudgetdServer:
         codec = ReservationCodec(await self._stores.records.instance_secret())
         tz: tzinfo = settings.tzinfo
         spool = self._stores.spool
+        if settings.jwt.enabled:
+            self._jwt = JwtVerifier(settings.jwt, clock=self._clock)
+            await self._jwt.start()
+        principals = Principals(
+            self._stores.records,
+            jwt=self._jwt,
+            team_id_upsert=settings.jwt.team_id_upsert,
+            default_teams=settings.default_team_settings,
+        )
         self.authority = Authority(
             self._stores.records,
             self._stores.counters,
@@ -141,6 +153,7 @@ class BudgetdServer:
             tz=tz,
             prices=settings.prices,
             spool=spool,
+            principals=principals,
         )
         if spool is not None:
             # What a crashed run acknowledged goes into the ledger before anything is served.
@@ -212,6 +225,9 @@ class BudgetdServer:
             # Spend that Envoy reported just before the stop is recorded before storage closes.
             await self._envoy_spend.drain()
         await self._stop_spool(grace)
+        if self._jwt is not None:
+            await self._jwt.close()
+            self._jwt = None
         await self._stores.counters.close()
         await self._stores.records.close()
 

@@ -7,14 +7,18 @@ every scope is the counter store's job (one Lua script in Redis).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from datetime import tzinfo
-from enum import StrEnum
-from typing import Any
 
-from server import validation
+from server import answers, validation
 from server.clock import Clock
+from server.decision import (
+    CheckRequest,
+    Decision,
+    Reason,
+    SpendRequest,
+    SpendResult,
+)
 from server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,103 +30,37 @@ from server.identity import ReservationCodec, hash_api_key
 from server.ledger_sync import read_states, rebuild, start_from_zero
 from server.money import budget_exceeded_message, nanos_to_usd
 from server.pricing import Price, price_nanos
+from server.principals import Principals
 from server.rules import Enforcement
-from server.scopes import request_scopes, tightest
+from server.scopes import Principal, rate_limits, request_scopes, tightest
 from server.settling import DEDUPE_TTL, MAX_SETTLE_GRACE, Settler
 from server.spool import Spool
 from server.storage.base import (
     CounterState,
     CounterStore,
-    KeyRecord,
     LedgerEntry,
     LedgerInsert,
+    RateCharge,
+    RateUnit,
     RecordStore,
     ReserveResult,
     ReserveStatus,
     ScopeBudget,
-    ScopeKind,
-    TeamRecord,
 )
+
+__all__ = [
+    "Authority",
+    "CheckRequest",
+    "Decision",
+    "Reason",
+    "SpendRequest",
+    "SpendResult",
+]
 
 # A retried RecordSpend within DEDUPE_TTL seconds re-applies to the counters only if the
 # first attempt did not (the counter store remembers request ids this long). Later retries
 # are answered from the ledger alone.
 _REBUILD_ATTEMPTS = 3
-
-
-class Reason(StrEnum):
-    """Why a request was denied (names match the proto enum)."""
-
-    NONE = "REASON_UNSPECIFIED"
-    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
-    RATE_LIMITED = "RATE_LIMITED"
-    KEY_INVALID = "KEY_INVALID"
-    KEY_EXPIRED = "KEY_EXPIRED"
-    KEY_BLOCKED = "KEY_BLOCKED"
-    TEAM_BLOCKED = "TEAM_BLOCKED"
-    MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
-    JWT_INVALID = "JWT_INVALID"
-
-
-@dataclass(frozen=True, slots=True)
-class CheckRequest:
-    """A CheckBudget question, already off the wire (amounts still USD floats)."""
-
-    api_key: str
-    model: str = ""
-    estimated_cost: float | None = None
-    request_id: str = ""
-    user_id: str = ""
-    max_tokens: int | None = None
-    prompt_tokens: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to CheckBudget. A denial is an answer, not an error."""
-
-    allowed: bool
-    reason: Reason = Reason.NONE
-    message: str = ""
-    team_id: str = ""
-    key_id: str = ""
-    key_alias: str = ""
-    scope: ScopeKind | None = None
-    spend_nanos: int = 0
-    max_budget_nanos: int | None = None
-    remaining_nanos: int | None = None
-    budget_reset_at: float | None = None
-    reservation_id: str = ""
-    reserved_nanos: int = 0
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SpendRequest:
-    """A RecordSpend call, already off the wire."""
-
-    request_id: str
-    reservation_id: str = ""
-    api_key: str = ""
-    cost: float | None = None
-    model: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class SpendResult:
-    """What RecordSpend recorded: the request's cost and the spends it leaves behind."""
-
-    cost_nanos: int
-    team_spend_nanos: int
-    key_spend_nanos: int
-    duplicate: bool
-    # Whose spend it was (for metrics and logs).
-    team_id: str = ""
-    key_id: str = ""
-    key_alias: str = ""
 
 
 class Authority:
@@ -147,6 +85,7 @@ class Authority:
         tz: tzinfo,
         prices: Mapping[str, Price],
         spool: Spool | None = None,
+        principals: Principals | None = None,
     ) -> None:
         self._records = records
         self._counters = counters
@@ -157,29 +96,40 @@ class Authority:
         self._tz = tz
         self._prices = prices
         self._spool = spool
-        self.settler = Settler(records, counters, clock, tz)
+        self.principals = principals if principals is not None else Principals(records)
+        self.settler = Settler(records, counters, clock, tz, self.principals)
 
     async def check(self, req: CheckRequest) -> Decision:
-        """CheckBudget: check every scope of the key and hold the estimate, all or nothing."""
+        """CheckBudget: check every scope and rate limit, and hold the estimate, all or none."""
         now = self._clock.now()
         estimate = self._estimate(req)
+        tokens = _estimated_tokens(req)
         validation.text(req.request_id, "request_id")
-        found = await self._credential(req.api_key, now)
-        if isinstance(found, Decision):
-            return found
-        key, team = found
-        refused = _model_refusal(key, team, req.model)
+        who = await self.principals.resolve(req, now)
+        if isinstance(who, Decision):
+            return who
+        refused = answers.model_refusal(who, req.model)
         if refused is not None:
             return refused
-        scopes = request_scopes(key, team, now, self._tz)
-        reservation_id = self._codec.encode(team.team_id, key.key_id, now)
-        result = await self._reserve(team.team_id, scopes, estimate, reservation_id, now)
+        scopes = request_scopes(who, now, self._tz, req.model)
+        rates = [
+            RateCharge(limit, 1 if limit.unit is RateUnit.REQUESTS else tokens)
+            for limit in rate_limits(who)
+        ]
+        reservation_id = self._codec.encode(
+            who.team.team_id, who.key_id, now, user_id=who.user_id, estimated_tokens=tokens
+        )
+        result = await self._reserve(who.team.team_id, scopes, estimate, reservation_id, now, rates)
         if result.status is ReserveStatus.DENIED:
-            return self._denial(key, team, scopes, result, now)
+            return self._denial(who, scopes, result, now)
+        if result.status is ReserveStatus.RATE_LIMITED:
+            return answers.rate_denial(who, scopes, rates, result)
         index = tightest(scopes, result.states)
-        return _decision(
-            True, key, scopes[index], result.states[index], now,
+        return answers.decision(
+            True, who, scopes[index], result.states[index], now,
             reservation_id=reservation_id, reserved=estimate,
+            soft=answers.soft_budget_exceeded(who, scopes, result.states),
+            rate=answers.tightest_rate(result.rates),
         )  # fmt: skip
 
     async def record(self, req: SpendRequest) -> SpendResult:
@@ -188,12 +138,12 @@ class Authority:
         validation.text(req.request_id, "request_id", required=True)
         cost = self._cost(req)
         metadata = validation.metadata(req.metadata)
-        key, team, admitted_at = await self._spend_target(req, now)
-        scopes = request_scopes(key, team, admitted_at, self._tz)
+        who, admitted_at, estimated_tokens = await self._spend_target(req, now)
+        scopes = request_scopes(who, admitted_at, self._tz, req.model)
         entry = LedgerEntry(
             request_id=req.request_id,
-            team_id=team.team_id,
-            key_id=key.key_id,
+            team_id=who.team.team_id,
+            key_id=who.key_id,
             cost_nanos=cost,
             admitted_at=admitted_at,
             recorded_at=now,
@@ -202,28 +152,28 @@ class Authority:
             prompt_tokens=req.prompt_tokens,
             completion_tokens=req.completion_tokens,
             metadata=metadata,
+            user_id=who.user_id,
         )
+        rates = _token_corrections(who, req, estimated_tokens)
         try:
             # Counters exist before the ledger row does (a store without ledger snapshots
             # could not tell a rebuild that summed this row from one that did not).
-            await self._ensure(team.team_id, scopes, req.request_id, now)
+            await self._ensure(who.team.team_id, scopes, req.request_id, now)
             stored = await self._records.insert_spend(entry)
         except RecordsUnavailable:
             if self._spool is None:
                 raise
-            return await self._record_spooled(entry, key, team, scopes, now)
+            return await self._record_spooled(entry, who, scopes, now, rates)
         if not stored.inserted:
-            return await self._duplicate(stored, entry, key, team, now)
+            return await self._duplicate(stored, entry, who, now)
         settled = await self._counters.settle(
-            team.team_id, req.reservation_id, scopes, cost, req.request_id, now, DEDUPE_TTL,
-            xact=stored.xact,
+            who.team.team_id, req.reservation_id, scopes, cost, req.request_id, now,
+            DEDUPE_TTL, xact=stored.xact, rates=rates,
         )  # fmt: skip
         if settled.unsettled:
-            await self.settler.recover(team.team_id, settled.unsettled)
-        states = await self._fill(team.team_id, scopes, settled.states, now)
-        return SpendResult(
-            cost, states[1].spend, states[0].spend, False, team.team_id, key.key_id, key.key_alias
-        )
+            await self.settler.recover(who.team.team_id, settled.unsettled)
+        states = await self._fill(who.team.team_id, scopes, settled.states, now)
+        return answers.spend_result(cost, who, scopes, states, duplicate=False)
 
     async def release(self, reservation_id: str) -> bool:
         """Drop a hold without spending (the request never reached the upstream)."""
@@ -244,29 +194,6 @@ class Authority:
         prompt = validation.tokens(req.prompt_tokens or 0, "prompt_tokens")
         return price_nanos(self._prices, req.model, prompt, completion) or 0
 
-    async def _credential(
-        self, api_key: str, now: float
-    ) -> tuple[KeyRecord, TeamRecord] | Decision:
-        if not api_key:
-            return _refusal(Reason.KEY_INVALID, "No API key passed in the request.")
-        if len(api_key) > validation.MAX_TEXT:
-            return _refusal(Reason.KEY_INVALID, "Invalid API key.")
-        key = await self._records.get_key_by_hash(hash_api_key(api_key))
-        if key is None:
-            return _refusal(Reason.KEY_INVALID, "Invalid API key.")
-        if key.revoked_at is not None:
-            return _refusal(Reason.KEY_INVALID, "API key has been revoked.", key)
-        if key.expires_at is not None and key.expires_at <= now:
-            return _refusal(Reason.KEY_EXPIRED, "Authentication Error - Expired Key.", key)
-        team = await self._records.get_team(key.team_id)
-        if team is None:
-            return _refusal(Reason.KEY_INVALID, "API key's team no longer exists.", key)
-        if team.blocked:
-            return _refusal(
-                Reason.TEAM_BLOCKED, f"Team {team.team_id} is blocked.", key, ScopeKind.TEAM
-            )
-        return key, team
-
     async def _reserve(
         self,
         team_id: str,
@@ -274,11 +201,13 @@ class Authority:
         amount: int,
         reservation_id: str,
         now: float,
+        rates: Sequence[RateCharge],
     ) -> ReserveResult:
         for _ in range(_REBUILD_ATTEMPTS):
             result = await self._counters.reserve(
-                team_id, scopes, amount, reservation_id, now + self._ttl, now, self._enforcement
-            )
+                team_id, scopes, amount, reservation_id, now + self._ttl, now,
+                self._enforcement, rates=rates,
+            )  # fmt: skip
             if result.unsettled:
                 await self.settler.recover(team_id, result.unsettled)
             if result.status is not ReserveStatus.MISSING:
@@ -294,8 +223,7 @@ class Authority:
 
     def _denial(
         self,
-        key: KeyRecord,
-        team: TeamRecord,
+        who: Principal,
         scopes: list[ScopeBudget],
         result: ReserveResult,
         now: float,
@@ -304,8 +232,8 @@ class Authority:
         state = result.states[result.denied_index]
         limit = scope.limit_nanos if scope.limit_nanos is not None else 0
         message = budget_exceeded_message(state.spend + state.held, limit)
-        return _decision(
-            False, key, scope, state, now, reason=Reason.BUDGET_EXCEEDED, message=message
+        return answers.decision(
+            False, who, scope, state, now, reason=Reason.BUDGET_EXCEEDED, message=message
         )
 
     # -- record helpers -----------------------------------------------------------------
@@ -326,27 +254,25 @@ class Authority:
             )
         return priced
 
-    async def _spend_target(
-        self, req: SpendRequest, now: float
-    ) -> tuple[KeyRecord, TeamRecord, float]:
+    async def _spend_target(self, req: SpendRequest, now: float) -> tuple[Principal, float, int]:
+        """Who a spend is charged to, the instant its request was admitted, tokens held."""
         if req.reservation_id:
             ref = self._codec.decode(req.reservation_id)
             if ref is None:
                 raise NotFound("reservation_id is not one budgetd issued")
-            key = await self._records.get_key(ref.key_id)
-            team = await self._records.get_team(ref.team_id)
-            admitted_at = ref.admitted_at
+            who = await self.principals.for_spend(ref.team_id, ref.key_id, ref.user_id)
+            admitted_at, tokens = ref.admitted_at, ref.estimated_tokens
         elif req.api_key:
             key = await self._records.get_key_by_hash(hash_api_key(req.api_key))
             if key is None:
                 raise NotFound("api_key is not a key budgetd issued")
-            team = await self._records.get_team(key.team_id)
-            admitted_at = now
+            who = await self.principals.for_spend(key.team_id, key.key_id, key.user_id)
+            admitted_at, tokens = now, 0
         else:
             raise InvalidArgument("reservation_id or api_key is required")
-        if key is None or team is None:
+        if who is None:
             raise NotFound("the key or team of this spend no longer exists")
-        return key, team, admitted_at
+        return who, admitted_at, tokens
 
     async def _ensure(
         self, team_id: str, scopes: list[ScopeBudget], request_id: str, now: float
@@ -376,10 +302,10 @@ class Authority:
     async def _record_spooled(
         self,
         entry: LedgerEntry,
-        key: KeyRecord,
-        team: TeamRecord,
+        who: Principal,
         scopes: list[ScopeBudget],
         now: float,
+        rates: Sequence[RateCharge],
     ) -> SpendResult:
         """RecordSpend while the record store is down: spool the row, then settle counters.
 
@@ -391,28 +317,26 @@ class Authority:
         """
         assert self._spool is not None
         await self._spool.append(entry)
-        read = await self._counters.read(team.team_id, scopes, now)
+        read = await self._counters.read(who.team.team_id, scopes, now)
         missing = [s for s, state in zip(scopes, read, strict=True) if state is None]
         if missing:
-            await start_from_zero(self._counters, team.team_id, missing, now)
+            await start_from_zero(self._counters, who.team.team_id, missing, now)
         settled = await self._counters.settle(
-            team.team_id, entry.reservation_id, scopes, entry.cost_nanos, entry.request_id,
-            now, DEDUPE_TTL,
+            who.team.team_id, entry.reservation_id, scopes, entry.cost_nanos,
+            entry.request_id, now, DEDUPE_TTL, rates=rates,
         )  # fmt: skip
         if settled.unsettled:
-            await self.settler.recover(team.team_id, settled.unsettled)
-        key_spend, team_spend = (s.spend if s is not None else 0 for s in settled.states)
-        return SpendResult(
-            entry.cost_nanos, team_spend, key_spend, not settled.applied,
-            team.team_id, key.key_id, key.key_alias,
-        )  # fmt: skip
+            await self.settler.recover(who.team.team_id, settled.unsettled)
+        states = tuple(s if s is not None else CounterState(0, 0) for s in settled.states)
+        return answers.spend_result(
+            entry.cost_nanos, who, scopes, states, duplicate=not settled.applied
+        )
 
     async def _duplicate(
         self,
         found: LedgerInsert,
         attempt: LedgerEntry,
-        key: KeyRecord,
-        team: TeamRecord,
+        who: Principal,
         now: float,
     ) -> SpendResult:
         """A retry of a recorded request: same cost and key → its recorded answer."""
@@ -426,7 +350,7 @@ class Authority:
         if conflict:
             raise FailedPrecondition(conflict)
         # The answer is about the windows the request was admitted in, whenever it is retried.
-        scopes = request_scopes(key, team, stored.admitted_at, self._tz)
+        scopes = request_scopes(who, stored.admitted_at, self._tz, stored.model)
         if recent:
             # The first attempt may have written the ledger and failed before the counters:
             # settling again is a no-op if it did get there (request ids are remembered).
@@ -445,10 +369,28 @@ class Authority:
             states = await self._fill(stored.team_id, scopes, settled.states, now)
         else:
             states = await read_states(self._records, self._counters, stored.team_id, scopes, now)
-        return SpendResult(
-            stored.cost_nanos, states[1].spend, states[0].spend, True,
-            team.team_id, key.key_id, key.key_alias,
-        )  # fmt: skip
+        return answers.spend_result(stored.cost_nanos, who, scopes, states, duplicate=True)
+
+
+def _estimated_tokens(req: CheckRequest) -> int:
+    """Tokens a request may use, charged to tpm limits at check time (0 when unknown)."""
+    prompt = validation.tokens(req.prompt_tokens or 0, "prompt_tokens")
+    completion = validation.tokens(req.max_tokens or 0, "max_tokens")
+    return prompt + completion
+
+
+def _token_corrections(who: Principal, req: SpendRequest, estimated: int) -> list[RateCharge]:
+    """tpm corrections at settle: the actual tokens minus what the check charged.
+
+    A spend given only as a cost, with no token counts, leaves the estimate standing.
+    """
+    actual = req.prompt_tokens + req.completion_tokens
+    if actual == 0 and req.cost is not None:
+        return []
+    delta = actual - estimated
+    if delta == 0:
+        return []
+    return [RateCharge(limit, delta) for limit in rate_limits(who) if limit.unit is RateUnit.TOKENS]
 
 
 def _conflict(stored: LedgerEntry, attempt: LedgerEntry) -> str | None:
@@ -462,69 +404,3 @@ def _conflict(stored: LedgerEntry, attempt: LedgerEntry) -> str | None:
             f" {nanos_to_usd(attempt.cost_nanos)!r}"
         )
     return None
-
-
-def _refusal(
-    reason: Reason,
-    message: str,
-    key: KeyRecord | None = None,
-    scope: ScopeKind | None = ScopeKind.KEY,
-) -> Decision:
-    return Decision(
-        allowed=False,
-        reason=reason,
-        message=message,
-        team_id=key.team_id if key else "",
-        key_id=key.key_id if key else "",
-        key_alias=key.key_alias if key else "",
-        scope=scope,
-    )
-
-
-def _model_refusal(key: KeyRecord, team: TeamRecord, model: str) -> Decision | None:
-    for scope, allowed in ((ScopeKind.KEY, key.models), (ScopeKind.TEAM, team.models)):
-        if allowed and model and model not in allowed and "all-proxy-models" not in allowed:
-            return _refusal(
-                Reason.MODEL_NOT_ALLOWED,
-                f"{scope.value} not allowed to access model={model}."
-                f" Allowed models: {list(allowed)}",
-                key,
-                scope,
-            )
-    return None
-
-
-def _decision(
-    allowed: bool,
-    key: KeyRecord,
-    scope: ScopeBudget,
-    state: CounterState,
-    now: float,
-    *,
-    reason: Reason = Reason.NONE,
-    message: str = "",
-    reservation_id: str = "",
-    reserved: int = 0,
-) -> Decision:
-    limit = scope.limit_nanos
-    remaining = None if limit is None else max(0, limit - state.spend - state.held)
-    reset_at = float(scope.window.end) if scope.window.end is not None else None
-    retry_after = None
-    if not allowed and reset_at is not None:
-        retry_after = round(max(0.0, reset_at - now), 3)
-    return Decision(
-        allowed=allowed,
-        reason=reason,
-        message=message,
-        team_id=key.team_id,
-        key_id=key.key_id,
-        key_alias=key.key_alias,
-        scope=scope.kind,
-        spend_nanos=state.spend,
-        max_budget_nanos=limit,
-        remaining_nanos=remaining,
-        budget_reset_at=reset_at,
-        reservation_id=reservation_id,
-        reserved_nanos=reserved if allowed else 0,
-        retry_after=retry_after,
-    )

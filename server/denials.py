@@ -46,13 +46,35 @@ class HttpDenial:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """A rate limit's state for ``x-ratelimit-*`` headers: per minute, left, seconds to reset."""
+
+    limit: int
+    remaining: int
+    reset: float
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit": str(self.limit),
+            "x-ratelimit-remaining": str(self.remaining),
+            "x-ratelimit-reset": str(max(0, math.ceil(self.reset))),
+        }
+
+
 def http_denial(
-    reason: str, message: str, retry_after: float | None, *, deny_status: int = 400
+    reason: str,
+    message: str,
+    retry_after: float | None,
+    *,
+    deny_status: int = 400,
+    rate: RateHeaders | None = None,
 ) -> HttpDenial:
     """The HTTP form of a denial with proto reason name ``reason``.
 
     Budget and policy denials use ``deny_status`` (LiteLLM's 400 ``auth_error`` by default),
-    credential problems 401, rate limits 429 with ``retry-after``.
+    credential problems 401, rate limits 429 with ``retry-after`` and ``x-ratelimit-limit``,
+    ``-remaining`` and ``-reset`` (seconds) of the limit that refused.
     """
     headers: dict[str, str] = {}
     if reason == RATE_LIMITED:
@@ -63,6 +85,8 @@ def http_denial(
         status, kind = deny_status, "auth_error"
     if retry_after is not None and (reason == RATE_LIMITED or status == 429):
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    if rate is not None and reason == RATE_LIMITED:
+        headers.update(rate.headers())
     return HttpDenial(status, error_body(status, message, kind), headers)
 
 
@@ -96,3 +120,12 @@ def http_error(status: int, message: str, kind: str = "invalid_request_error") -
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
     """LiteLLM's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def split_credential(token: str) -> tuple[str, str]:
+    """A bearer token as ``(api_key, jwt)``: budgetd keys start ``sk-``; a token of three
+    dot-separated parts that is not one is a JWT; anything else is checked as a key (and
+    refused as an invalid one)."""
+    if not token.startswith("sk-") and token.count(".") == 2:
+        return "", token
+    return token, ""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 KEY_PREFIX = "sk-"
 # 24 random bytes -> 32 url-safe characters after "sk-" (the design asks for >= 22).
 _KEY_BYTES = 24
-_RESERVATION_VERSION = "r1"
+_RESERVATION_VERSION = "r2"
 _MAC_BYTES = 12
 
 
@@ -54,12 +54,19 @@ def bearer_token(authorization: str | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ReservationRef:
-    """What a reservation id carries: whose hold it is and when its request was admitted."""
+    """What a reservation id carries: whose hold it is and when its request was admitted.
+
+    ``key_id`` is "" for a request authenticated by a JWT; ``user_id`` names the team member
+    charged ("" = none); ``estimated_tokens`` is what the check charged to tpm limits, so
+    RecordSpend can correct them by the actual tokens.
+    """
 
     team_id: str
     key_id: str
     admitted_at_ms: int
     nonce: str
+    user_id: str = ""
+    estimated_tokens: int = 0
 
     @property
     def admitted_at(self) -> float:
@@ -67,7 +74,7 @@ class ReservationRef:
 
 
 class ReservationCodec:
-    """Encodes reservation ids that name their team, key and admission instant, with a MAC.
+    """Encodes reservation ids that name their team, key, member and admission instant.
 
     A reservation id outlives its hold: when RecordSpend arrives after the hold expired, the
     spend is still charged to the windows of the instant the request was admitted. The MAC
@@ -78,10 +85,25 @@ class ReservationCodec:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
 
-    def encode(self, team_id: str, key_id: str, admitted_at: float) -> str:
-        ref = ReservationRef(team_id, key_id, int(admitted_at * 1000), secrets.token_hex(8))
-        body = "\x1f".join((team_id, key_id, str(ref.admitted_at_ms), ref.nonce))
-        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+    def encode(
+        self,
+        team_id: str,
+        key_id: str,
+        admitted_at: float,
+        *,
+        user_id: str = "",
+        estimated_tokens: int = 0,
+    ) -> str:
+        """A new reservation id for a request admitted at ``admitted_at``."""
+        fields = (
+            team_id,
+            key_id,
+            str(int(admitted_at * 1000)),
+            secrets.token_hex(8),
+            user_id,
+            str(estimated_tokens),
+        )
+        payload = base64.urlsafe_b64encode("\x1f".join(fields).encode()).decode().rstrip("=")
         return f"{_RESERVATION_VERSION}.{payload}.{self._mac(payload)}"
 
     def decode(self, reservation_id: str) -> ReservationRef | None:
@@ -94,8 +116,8 @@ class ReservationCodec:
             return None
         try:
             body = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
-            team_id, key_id, admitted, nonce = body.split("\x1f")
-            return ReservationRef(team_id, key_id, int(admitted), nonce)
+            team_id, key_id, admitted, nonce, user_id, tokens = body.split("\x1f")
+            return ReservationRef(team_id, key_id, int(admitted), nonce, user_id, int(tokens))
         except ValueError:
             return None
 

@@ -31,7 +31,12 @@ async def rebuild(
         snapshots: list[str | None] = []
         for scope in scopes:
             found = await records.sum_spend_as_of(
-                scope.kind, scope.scope_id, scope.window.start, scope.window.end
+                scope.kind,
+                scope.scope_id,
+                scope.window.start,
+                scope.window.end,
+                user_id=scope.user_id,
+                model=scope.model,
             )
             sums.append((scope, found.total))
             snapshots.append(found.snapshot)
@@ -79,7 +84,15 @@ async def read_states(
     return tuple(
         [
             CounterState(
-                await records.sum_spend(s.kind, s.scope_id, s.window.start, s.window.end), 0
+                await records.sum_spend(
+                    s.kind,
+                    s.scope_id,
+                    s.window.start,
+                    s.window.end,
+                    user_id=s.user_id,
+                    model=s.model,
+                ),
+                0,
             )
             for s in scopes
         ]

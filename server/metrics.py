@@ -39,6 +39,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+        self.soft_budget = Counter(
+            "budgetd_soft_budget_exceeded",
+            "Requests allowed while their key's or team's spend is over its soft_budget",
+            ("team_id",),
+            registry=self.registry,
+        )
         self.spends = Counter(
             "budgetd_spend_records",
             "RecordSpend calls by result",
@@ -76,6 +82,8 @@ class Metrics:
         outcome = "allowed" if decision.allowed else "denied"
         scope = decision.scope.value if decision.scope else ""
         self.decisions.labels(outcome, decision.reason.value, scope).inc()
+        if decision.soft_budget_exceeded:
+            self.soft_budget.labels(decision.team_id).inc()
 
     def spend(self, result: SpendResult) -> None:
         """Count a RecordSpend; only an applied one (not a duplicate) adds to the team's spend."""

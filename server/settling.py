@@ -26,6 +26,7 @@ from datetime import tzinfo
 
 from server.clock import Clock
 from server.errors import BudgetdError
+from server.principals import Principals
 from server.scopes import request_scopes
 from server.storage.base import CounterStore, LedgerEntry, LedgerInsert, RecordStore
 
@@ -44,8 +45,14 @@ class Settler:
     """Settles ledger rows into the counters on behalf of requests that could not."""
 
     def __init__(
-        self, records: RecordStore, counters: CounterStore, clock: Clock, tz: tzinfo
+        self,
+        records: RecordStore,
+        counters: CounterStore,
+        clock: Clock,
+        tz: tzinfo,
+        principals: Principals | None = None,
     ) -> None:
+        self._principals = principals if principals is not None else Principals(records)
         self._records = records
         self._counters = counters
         self._clock = clock
@@ -58,11 +65,10 @@ class Settler:
             await self.recover(entry.team_id, unsettled)
 
     async def _settle_row(self, entry: LedgerEntry, stored: LedgerInsert) -> tuple[str, ...]:
-        key = await self._records.get_key(entry.key_id)
-        team = await self._records.get_team(entry.team_id)
-        if key is None or team is None:
+        who = await self._principals.for_spend(entry.team_id, entry.key_id, entry.user_id)
+        if who is None:
             return ()  # gone since: nothing decides on its counters any more
-        scopes = request_scopes(key, team, entry.admitted_at, self._tz)
+        scopes = request_scopes(who, entry.admitted_at, self._tz, entry.model)
         settled = await self._counters.settle(
             entry.team_id, entry.reservation_id, scopes, entry.cost_nanos, entry.request_id,
             self._clock.now(), DEDUPE_TTL, xact=stored.xact,

@@ -15,9 +15,9 @@ Files in the spool directory:
   leaves it in place, and the next replay inserts its rows again: inserting is idempotent
   (``request_id`` is unique in the ledger), so nothing is counted twice;
 * ``conflicts.jsonl``: spooled rows whose request_id the ledger already holds with another
-  cost or key (the same id recorded twice with different costs while Postgres was down, on
-  this replica or another). The ledger keeps its row; these are logged and kept for an
-  operator.
+  cost, key or user (the same id recorded twice with different costs while Postgres was
+  down, on this replica or another). The ledger keeps its row; these are logged and kept
+  for an operator.
 
 Money stays exact: costs are integer nano-USD in the JSON. Instants are JSON floats, which
 round-trip exactly.
@@ -164,9 +164,10 @@ class Spool:
         """Insert every spooled row into the ledger; returns (replayed, conflicts).
 
         A row counts as replayed when it is inserted or the ledger already has it with the
-        same cost and key; one with another cost or key goes to ``conflicts.jsonl``. After
-        each replayed row, ``settle`` (if given) brings the counters up to date with it: a
-        crash between the spool's fsync and the counters' update left them without it.
+        same cost, key and user; one with another cost, key or user goes to
+        ``conflicts.jsonl``. After each replayed row, ``settle`` (if given) brings the
+        counters up to date with it: a crash between the spool's fsync and the counters'
+        update left them without it.
         Files are deleted once all their rows are done. Raises Unavailable (leaving the rest
         for the next replay, which inserts again what is already in: idempotent) when a
         store is down.
@@ -221,13 +222,16 @@ class Spool:
             stored = await records.insert_spend(entry)  # Unavailable: stop, replay it again later
             found = stored.entry
             if not stored.inserted and (
-                found.cost_nanos != entry.cost_nanos or found.key_id != entry.key_id
+                found.cost_nanos != entry.cost_nanos
+                or found.key_id != entry.key_id
+                or found.user_id != entry.user_id
             ):
                 log.error(
                     "spooled spend of request_id %r conflicts with the ledger (ledger: cost %d"
-                    " nano-USD, key %s; spool: cost %d, key %s): kept in %s",
-                    entry.request_id, found.cost_nanos, found.key_id,
-                    entry.cost_nanos, entry.key_id, self.directory / CONFLICTS_FILE,
+                    " nano-USD, key %s, user %r; spool: cost %d, key %s, user %r): kept in %s",
+                    entry.request_id, found.cost_nanos, found.key_id, found.user_id,
+                    entry.cost_nanos, entry.key_id, entry.user_id,
+                    self.directory / CONFLICTS_FILE,
                 )  # fmt: skip
                 conflicts.append(line + "\n")
             else:

@@ -17,6 +17,8 @@ MAX_TEXT = 256
 MAX_METADATA_BYTES = 16 * 1024
 MAX_MODELS = 256
 MAX_TOKENS = 10**9
+MAX_JWT = 16 * 1024
+MAX_RATE = 10**9  # server.ratelimit.MAX_PER_MINUTE
 # Team ids go into Redis hash tags ({t:<id>}), so braces and whitespace are not allowed.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@/+=\-]+$")
 
@@ -80,8 +82,9 @@ def tokens(value: int, field: str) -> int:
 
 
 def limit(value: int | None, field: str) -> int | None:
-    if value is not None and value < 0:
-        raise InvalidArgument(f"{field} must not be negative, got {value}")
+    """A per-minute rate limit (rpm/tpm): None (no limit) or 1..MAX_RATE."""
+    if value is not None and not 1 <= value <= MAX_RATE:
+        raise InvalidArgument(f"{field} must be between 1 and {MAX_RATE}, got {value}")
     return value
 
 

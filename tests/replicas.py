@@ -123,11 +123,14 @@ def replica_env(
     return env
 
 
-def write_config(path: Path, *, enforcement: str, reservation_ttl: float) -> Path:
-    """A config file with the ``budgetd:`` settings the replicas share."""
+def write_config(
+    path: Path, *, enforcement: str, reservation_ttl: float, extra_yaml: str = ""
+) -> Path:
+    """A config file with the ``budgetd:`` settings the replicas share (and ``extra_yaml``:
+    more top-level sections, such as the seed's JWT block)."""
     path.write_text(
         f"budgetd:\n  enforcement: {enforcement}\n  reservation_ttl: {reservation_ttl}\n"
-        "  log_level: warning\n",
+        f"  log_level: warning\n{extra_yaml}",
         encoding="utf-8",
     )
     return path
@@ -205,10 +208,14 @@ async def start_replicas(
     enforcement: str = "cross_once",
     reservation_ttl: float = 60.0,
     extra_env: dict[str, str] | None = None,
+    extra_yaml: str = "",
 ) -> AsyncIterator[Cluster]:
     """Run ``count`` replicas sharing one database and one Redis; stop them afterwards."""
     config = write_config(
-        workdir / "budgetd.yaml", enforcement=enforcement, reservation_ttl=reservation_ttl
+        workdir / "budgetd.yaml",
+        enforcement=enforcement,
+        reservation_ttl=reservation_ttl,
+        extra_yaml=extra_yaml,
     )
     envs = [
         replica_env(workdir / f"data-{i}", database_url, redis_url, **(extra_env or {}))

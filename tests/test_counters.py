@@ -1,5 +1,7 @@
 """The CounterStore contract, run against the in-process store and a real Redis.
 
+Rate limits (rpm, tpm) also run against PostgresCounters, whose limiters are in process.
+
 Redis: the session's throwaway redis-server (or ``BUDGETD_TEST_REDIS_URL``, see conftest). Each
 test also gets a random key prefix, so tests never see each other's keys.
 """
@@ -15,15 +17,24 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from server.errors import Unavailable
+from server.ratelimit import MAX_CHARGE, MAX_LEVEL, MAX_PER_MINUTE, WINDOW_MS
 from server.rules import Enforcement
 from server.storage.base import (
     CounterState,
     CounterStore,
+    LedgerEntry,
+    RateCharge,
+    RateLimit,
+    RateState,
+    RateUnit,
+    ReserveResult,
     ReserveStatus,
     ScopeBudget,
     ScopeKind,
 )
 from server.storage.memory_counters import MemoryCounters
+from server.storage.postgres import PostgresRecords
+from server.storage.postgres_counters import PostgresCounters
 from server.storage.redis_counters import RedisCounters
 from server.storage.snapshots import snapshot_of, visible
 from server.windows import ALL_TIME, Window
@@ -627,3 +638,418 @@ async def test_the_epoch_never_changes_where_nothing_forgets(store: CounterStore
     epoch = await store.team_epoch(TEAM)
     assert await store.init(TEAM, [(team_scope(None), 1)], NOW, epoch=epoch)
     assert await store.team_epoch(TEAM) == epoch
+
+
+# -- rate limits (rpm, tpm) in the same atomic step as the budgets -------------------------------
+#
+# Every store, PostgresCounters included (its limiters are in process: budgets there are the
+# ledger's, which these tests leave empty, so they hold on unlimited or zero budgets only).
+
+MEMBER = "user-1"
+
+
+def rpm(per_minute: int, *, key: str = "key-1", user: str = "") -> RateLimit:
+    if user:
+        return RateLimit(ScopeKind.MEMBER, TEAM, RateUnit.REQUESTS, per_minute, user_id=user)
+    return RateLimit(ScopeKind.KEY, key, RateUnit.REQUESTS, per_minute)
+
+
+def tpm(per_minute: int) -> RateLimit:
+    return RateLimit(ScopeKind.KEY, "key-1", RateUnit.TOKENS, per_minute)
+
+
+@pytest.fixture
+async def postgres_counters(database_url: str) -> AsyncIterator[PostgresCounters]:
+    store = PostgresCounters(database_url)
+    await store.start()  # applies the migrations
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "redis", "redis_cluster", "postgres"])
+def any_store(request: pytest.FixtureRequest) -> CounterStore:
+    """Every store, PostgresCounters included (a sync fixture: it may start the services)."""
+    if request.param == "memory":
+        return MemoryCounters()
+    fixture = {
+        "redis": "redis_counters",
+        "redis_cluster": "redis_cluster_counters",
+        "postgres": "postgres_counters",
+    }[request.param]
+    found: CounterStore = request.getfixturevalue(fixture)
+    return found
+
+
+@pytest.fixture
+async def rate_store(any_store: CounterStore) -> CounterStore:
+    """Each rate-limit contract test runs once per store; the team's counter is ready."""
+    await any_store.init(TEAM, [(team_scope(None), 0)], NOW)
+    return any_store
+
+
+async def limited(
+    store: CounterStore,
+    rates: list[RateCharge],
+    rid: str = "",
+    *,
+    amount: int = 0,
+    now: float = NOW,
+    mode: Enforcement = NEVER,
+    limit: int | None = None,
+    team: str = TEAM,
+) -> ReserveResult:
+    """A reserve on the team's counter (unlimited unless ``limit``) with these rate charges."""
+    scope = ScopeBudget(ScopeKind.TEAM, team, limit, "1h", HOUR)
+    return await store.reserve(team, [scope], amount, rid, LATER, now, mode, rates=rates)
+
+
+async def remaining(store: CounterStore, limit: RateLimit, now: float = NOW) -> int:
+    """What is left of a limiter (reserving 0 tokens, or reading a request limiter's state)."""
+    result = await limited(store, [RateCharge(limit, 0)], now=now)
+    assert result.status is ReserveStatus.RESERVED
+    return result.rates[0].remaining
+
+
+async def test_rpm_3_admits_3_then_rate_limits_with_retry_after_20_s(
+    rate_store: CounterStore,
+) -> None:
+    limit = rpm(3)
+    results = [
+        await limited(rate_store, [RateCharge(limit, 1)], f"r{i}", amount=10) for i in range(5)
+    ]
+
+    assert [r.status for r in results] == [ReserveStatus.RESERVED] * 3 + [
+        ReserveStatus.RATE_LIMITED
+    ] * 2
+    assert [r.rates for r in results[:3]] == [
+        (RateState(3, 2, 20.0),),
+        (RateState(3, 1, 40.0),),
+        (RateState(3, 0, 60.0),),
+    ]
+    refused = results[3]
+    assert (refused.rate_index, refused.retry_after) == (0, 20.0)
+    assert refused.rates == (RateState(3, 0, 60.0),)  # as read: nothing charged
+    assert refused.states == (CounterState(0, 30),)  # the budget as read: three holds
+    # The refused requests hold nothing.
+    assert await rate_store.read(TEAM, [team_scope(None)], NOW) == (CounterState(0, 30),)
+    assert not await rate_store.release(TEAM, "r3", NOW)
+
+    assert (
+        await limited(rate_store, [RateCharge(limit, 1)], now=NOW + 19.999)
+    ).retry_after == 0.001
+    later = await limited(rate_store, [RateCharge(limit, 1)], "r5", amount=10, now=NOW + 20)
+    assert (later.status, later.rates) == (ReserveStatus.RESERVED, (RateState(3, 0, 60.0),))
+    again = await limited(rate_store, [RateCharge(limit, 1)], now=NOW + 20)
+    assert again.status is ReserveStatus.RATE_LIMITED
+
+
+async def test_a_budget_denial_charges_no_rate(rate_store: CounterStore) -> None:
+    limit = rpm(1)
+    denied = await limited(rate_store, [RateCharge(limit, 1)], "r1", amount=10, limit=0, mode=CROSS)
+    assert (denied.status, denied.denied_index, denied.rates) == (ReserveStatus.DENIED, 0, ())
+
+    admitted = await limited(rate_store, [RateCharge(limit, 1)], "r2", amount=10)
+    assert (admitted.status, admitted.rates) == (ReserveStatus.RESERVED, (RateState(1, 0, 60.0),))
+
+
+async def test_a_missing_counter_charges_no_rate() -> None:
+    store, limit = MemoryCounters(), rpm(1)
+    missing = await limited(store, [RateCharge(limit, 1)])
+    assert (missing.status, missing.rates) == (ReserveStatus.MISSING, ())
+    await store.init(TEAM, [(team_scope(None), 0)], NOW)
+    assert (await limited(store, [RateCharge(limit, 1)])).status is ReserveStatus.RESERVED
+
+
+async def test_missing_counters_in_redis_charge_no_rate(redis_counters: RedisCounters) -> None:
+    limit = rpm(1)
+    assert (await limited(redis_counters, [RateCharge(limit, 1)])).status is ReserveStatus.MISSING
+    await redis_counters.init(TEAM, [(team_scope(None), 0)], NOW)
+    result = await limited(redis_counters, [RateCharge(limit, 1)])
+    assert result.status is ReserveStatus.RESERVED
+
+
+async def test_tpm_estimate_is_charged_at_reserve_and_corrected_once_at_settle(
+    rate_store: CounterStore,
+) -> None:
+    limit, team = tpm(1000), [team_scope(None)]
+    reserved = await limited(rate_store, [RateCharge(limit, 300)], "r1", amount=10)
+    assert reserved.rates == (RateState(1000, 700, 18.0),)
+
+    more = await rate_store.settle(
+        TEAM, "r1", team, 5, "q1", NOW, 60, rates=[RateCharge(limit, 200)]
+    )
+    assert more.applied
+    assert await remaining(rate_store, limit) == 500
+    duplicate = await rate_store.settle(
+        TEAM, "r1", team, 5, "q1", NOW, 60, rates=[RateCharge(limit, 200)]
+    )
+    assert await remaining(rate_store, limit) == 500  # the correction counted once
+    if isinstance(rate_store, PostgresCounters):
+        assert duplicate.applied  # its budgets need no dedupe; its limiters dedupe anyway
+    else:
+        assert not duplicate.applied
+
+    await rate_store.settle(TEAM, "", team, 5, "q2", NOW, 60, rates=[RateCharge(limit, -400)])
+    assert await remaining(rate_store, limit) == 900
+    await rate_store.settle(TEAM, "", team, 5, "q3", NOW, 60, rates=[RateCharge(limit, -(10**6))])
+    assert (await limited(rate_store, [RateCharge(limit, 0)])).rates == (
+        RateState(1000, 1000, 0.0),
+    )
+
+
+async def test_tpm_cross_once_admits_the_crossing_request_never_exceed_does_not(
+    rate_store: CounterStore,
+) -> None:
+    cross, never = tpm(100), RateLimit(ScopeKind.TEAM, TEAM, RateUnit.TOKENS, 100)
+    for mode, limit in ((CROSS, cross), (NEVER, never)):
+        assert (await limited(rate_store, [RateCharge(limit, 80)], mode=mode)).status is (
+            ReserveStatus.RESERVED
+        )
+    crossing = await limited(rate_store, [RateCharge(cross, 80)], mode=CROSS)
+    assert crossing.status is ReserveStatus.RESERVED
+    after = await limited(rate_store, [RateCharge(cross, 1)], mode=CROSS)
+    assert (after.status, after.retry_after) == (ReserveStatus.RATE_LIMITED, 36.001)
+
+    too_much = await limited(rate_store, [RateCharge(never, 80)], mode=NEVER)
+    assert (too_much.status, too_much.retry_after) == (ReserveStatus.RATE_LIMITED, 36.0)
+    assert (await limited(rate_store, [RateCharge(never, 20)], mode=NEVER)).rates == (
+        RateState(100, 0, 60.0),
+    )
+
+
+async def test_two_limiters_are_charged_all_or_nothing(rate_store: CounterStore) -> None:
+    key, member = rpm(2), rpm(1, user=MEMBER)
+    both = [RateCharge(key, 1), RateCharge(member, 1)]
+    assert (await limited(rate_store, both, "r1", amount=10)).status is ReserveStatus.RESERVED
+
+    refused = await limited(rate_store, both, "r2", amount=10)
+    assert (refused.status, refused.rate_index, refused.retry_after) == (
+        ReserveStatus.RATE_LIMITED,
+        1,
+        60.0,
+    )
+    assert refused.rates == (RateState(2, 1, 30.0), RateState(1, 0, 60.0))
+    assert await rate_store.read(TEAM, [team_scope(None)], NOW) == (CounterState(0, 10),)
+    # The key's limiter took nothing from the refused request: one more fits, then none.
+    assert (await limited(rate_store, [RateCharge(key, 1)])).status is ReserveStatus.RESERVED
+    assert (await limited(rate_store, [RateCharge(key, 1)])).status is ReserveStatus.RATE_LIMITED
+
+
+async def test_several_refusals_report_the_first_and_the_longest_wait(
+    rate_store: CounterStore,
+) -> None:
+    slow, fast = rpm(1, key="slow"), rpm(6, key="fast")
+    await limited(rate_store, [RateCharge(slow, 1)] + [RateCharge(fast, 1)] * 6)
+    refused = await limited(rate_store, [RateCharge(fast, 1), RateCharge(slow, 1)])
+    assert (refused.rate_index, refused.retry_after) == (0, 60.0)
+
+
+async def test_a_limiter_named_twice_counts_both_charges(rate_store: CounterStore) -> None:
+    limit = rpm(1)
+    twice = await limited(rate_store, [RateCharge(limit, 1), RateCharge(limit, 1)])
+    assert (twice.status, twice.rate_index) == (ReserveStatus.RATE_LIMITED, 1)
+    assert (await limited(rate_store, [RateCharge(limit, 1)])).status is ReserveStatus.RESERVED
+
+
+async def test_limiters_of_different_ids_are_independent(rate_store: CounterStore) -> None:
+    used = rpm(1)
+    assert (await limited(rate_store, [RateCharge(used, 1)])).status is ReserveStatus.RESERVED
+    assert (await limited(rate_store, [RateCharge(used, 1)])).status is ReserveStatus.RATE_LIMITED
+
+    others = [
+        rpm(1, key="key-2"),
+        rpm(1, user=MEMBER),
+        rpm(1, user="user-2"),
+        RateLimit(ScopeKind.TEAM, TEAM, RateUnit.REQUESTS, 1),
+        RateLimit(ScopeKind.KEY, "key-1", RateUnit.TOKENS, 1),
+    ]
+    for other in others:
+        result = await limited(rate_store, [RateCharge(other, 1)])
+        assert result.status is ReserveStatus.RESERVED, other
+    # The same limiter id under another team is another limiter.
+    await rate_store.init(
+        "team-b", [(ScopeBudget(ScopeKind.TEAM, "team-b", None, "1h", HOUR), 0)], NOW
+    )
+    elsewhere = await limited(rate_store, [RateCharge(used, 1)], team="team-b")
+    assert elsewhere.status is ReserveStatus.RESERVED
+
+
+async def test_concurrent_reserves_against_rpm_5_admit_exactly_5(rate_store: CounterStore) -> None:
+    limit = rpm(5)
+    results = await asyncio.gather(
+        *(limited(rate_store, [RateCharge(limit, 1)], f"r{i}", amount=10) for i in range(20))
+    )
+    assert sum(r.status is ReserveStatus.RESERVED for r in results) == 5
+    assert sum(r.status is ReserveStatus.RATE_LIMITED for r in results) == 15
+    assert await rate_store.read(TEAM, [team_scope(None)], NOW) == (CounterState(0, 50),)
+
+
+async def test_the_largest_limits_stay_exact(rate_store: CounterStore) -> None:
+    big = RateLimit(ScopeKind.KEY, "key-1", RateUnit.TOKENS, MAX_PER_MINUTE)
+    first = await limited(rate_store, [RateCharge(big, MAX_CHARGE - 1)])
+    assert first.rates == (RateState(MAX_PER_MINUTE, 1, 60.0),)
+    refused = await limited(rate_store, [RateCharge(big, 2)])
+    assert (refused.status, refused.retry_after) == (ReserveStatus.RATE_LIMITED, 0.001)
+    assert (await limited(rate_store, [RateCharge(big, 1)])).rates == (
+        RateState(MAX_PER_MINUTE, 0, 60.0),
+    )
+
+    # A run of huge positive corrections is capped at MAX_LEVEL (2^52 unit-ms), exactly.
+    tiny, team = tpm(1), [team_scope(None)]
+    for i in range(80):
+        await rate_store.settle(
+            TEAM, "", team, 0, f"q{i}", NOW, 60, rates=[RateCharge(tiny, MAX_CHARGE)]
+        )
+    capped = await limited(rate_store, [RateCharge(tiny, 0)], mode=CROSS)
+    assert capped.rates == (RateState(1, 0, MAX_LEVEL / 1000),)
+    assert capped.retry_after == (MAX_LEVEL - WINDOW_MS + 1) / 1000
+
+
+async def test_out_of_range_rate_charges_are_refused(rate_store: CounterStore) -> None:
+    team = [team_scope(None)]
+    for bad in (
+        RateCharge(rpm(0), 1),
+        RateCharge(rpm(MAX_PER_MINUTE + 1), 1),
+        RateCharge(tpm(5), -1),
+    ):
+        with pytest.raises(ValueError):
+            await limited(rate_store, [bad])
+    with pytest.raises(ValueError):
+        await rate_store.settle(
+            TEAM, "", team, 0, "q1", NOW, 60, rates=[RateCharge(tpm(5), -MAX_CHARGE - 1)]
+        )
+    assert await remaining(rate_store, tpm(5)) == 5
+
+
+async def test_member_and_model_scopes_are_counters_of_their_own(store: CounterStore) -> None:
+    team = team_scope(100)
+    member = ScopeBudget(ScopeKind.MEMBER, TEAM, 10, "1h", HOUR, user_id="a/b c")
+    model = ScopeBudget(ScopeKind.KEY, "key-1", 10, "1h", HOUR, model="gpt-4o")
+    member_model = ScopeBudget(ScopeKind.MEMBER, TEAM, 10, "1h", HOUR, user_id="u", model="m")
+    scopes = [team, member, model, member_model]
+    await store.init(TEAM, [(team, 1), (member, 2), (model, 3), (member_model, 4)], NOW)
+
+    status, states, _, _ = await reserve(store, scopes, 5, "r1")
+    assert status is ReserveStatus.RESERVED
+    assert states == (
+        CounterState(1, 5),
+        CounterState(2, 5),
+        CounterState(3, 5),
+        CounterState(4, 5),
+    )
+    await store.settle(TEAM, "r1", [member], 5, "q1", NOW, 60)
+    assert await store.read(TEAM, scopes, NOW) == (
+        CounterState(1, 0),
+        CounterState(7, 0),
+        CounterState(3, 0),
+        CounterState(4, 0),
+    )
+
+
+async def test_memory_forgets_rate_limiters_once_drained() -> None:
+    store = MemoryCounters()
+    await store.init(TEAM, [(team_scope(None), 0)], NOW)
+    await limited(store, [RateCharge(rpm(3), 1), RateCharge(tpm(10), 5)])
+    assert len(store._limiters) == 2
+
+    # Each is kept 1 ms past the instant it is empty (ratelimit.expiry_ms).
+    await store.read(TEAM, [team_scope(None)], NOW + 20)  # rpm 3: empty after 20 s
+    assert len(store._limiters) == 2
+    await store.read(TEAM, [team_scope(None)], NOW + 20.001)
+    assert len(store._limiters) == 1
+    await store.read(TEAM, [team_scope(None)], NOW + 30.001)  # 5 of tpm 10: after 30 s
+    assert len(store._limiters) == 0
+
+
+async def test_postgres_spend_of_member_and_model_scopes_is_their_ledger_rows(
+    database_url: str, postgres_counters: PostgresCounters
+) -> None:
+    records = PostgresRecords(database_url)
+    await records.start()
+    try:
+        for request_id, key_id, user_id, model, cost in [
+            ("a", "key-1", "u1", "m1", 1),
+            ("b", "key-1", "u1", "m2", 10),
+            ("c", "key-2", "u2", "m1", 100),
+            ("d", "key-1", "", "m1", 1000),
+        ]:
+            entry = LedgerEntry(
+                request_id, TEAM, key_id, cost, NOW, NOW, model=model, user_id=user_id
+            )
+            assert (await records.insert_spend(entry)).inserted
+    finally:
+        await records.close()
+
+    def member(user: str, model: str = "") -> ScopeBudget:
+        return ScopeBudget(ScopeKind.MEMBER, TEAM, 20, "1h", HOUR, user_id=user, model=model)
+
+    scopes = [
+        team_scope(None),
+        member("u1"),
+        member("u2"),
+        member("u1", "m1"),
+        ScopeBudget(ScopeKind.KEY, "key-1", None, "1h", HOUR, model="m1"),
+        ScopeBudget(ScopeKind.TEAM, TEAM, None, "1h", HOUR, model="m1"),
+    ]
+    spend = [1111, 11, 100, 1, 1001, 1101]
+    states = await postgres_counters.read(TEAM, scopes, NOW)
+    assert states == tuple(CounterState(s, 0) for s in spend)
+
+    # Holds on member and model scopes are placed, counted and released like any other.
+    result = await postgres_counters.reserve(
+        TEAM, [scopes[1], scopes[5]], 5, "r1", LATER, NOW, NEVER
+    )
+    assert result.states == (CounterState(11, 5), CounterState(1101, 5))
+    denied = await postgres_counters.reserve(TEAM, [scopes[1]], 5, "r2", LATER, NOW, NEVER)
+    assert (denied.status, denied.states) == (ReserveStatus.DENIED, (CounterState(11, 5),))
+    assert await postgres_counters.read(TEAM, scopes, NOW) == tuple(
+        CounterState(s, 5 if i in (1, 5) else 0) for i, s in enumerate(spend)
+    )
+    assert await postgres_counters.release(TEAM, "r1", NOW)
+
+
+# -- Redis: limiter keys ------------------------------------------------------------------------
+
+
+async def test_redis_limiter_keys_share_the_teams_slot_and_expire_when_drained(
+    redis_counters: RedisCounters, raw_redis: Redis
+) -> None:
+    team = team_scope(None)
+    await redis_counters.init(TEAM, [(team, 0)], NOW)
+    key, member, tokens = rpm(3), rpm(2, user="a b"), tpm(1000)
+    charges = [RateCharge(key, 1), RateCharge(member, 1), RateCharge(tokens, 500)]
+    await limited(redis_counters, charges, "r1", amount=10)
+
+    base = f"{redis_counters._prefix}:{{t:{TEAM}}}"
+    names = {f"{base}:rl:{limit.limiter_id}" for limit in (key, member, tokens)}
+    found = {name async for name in raw_redis.scan_iter(match=f"{base}:rl:*")}
+    assert found == names
+    assert len({key_slot(name.encode()) for name in [*names, f"{base}:c:{team.counter_id}"]}) == 1
+    assert 19_000 < await raw_redis.pttl(f"{base}:rl:{key.limiter_id}") <= 20_001
+    assert 29_000 < await raw_redis.pttl(f"{base}:rl:{member.limiter_id}") <= 30_001
+    assert await raw_redis.hgetall(f"{base}:rl:{key.limiter_id}") == {
+        "level": str(WINDOW_MS),
+        "at": str(round(NOW * 1000)),
+    }
+
+    # A correction that empties a bucket deletes it; forgetting counters leaves limiters.
+    await redis_counters.settle(
+        TEAM, "r1", [team], 1, "q1", NOW, 60, rates=[RateCharge(tokens, -500)]
+    )
+    assert not await raw_redis.exists(f"{base}:rl:{tokens.limiter_id}")
+    await redis_counters.forget_teams([TEAM])
+    assert await raw_redis.exists(f"{base}:rl:{key.limiter_id}")
+
+
+async def test_redis_cluster_runs_rate_limits_in_the_teams_slot(
+    redis_cluster_counters: RedisCounters,
+) -> None:
+    other = "team-z"
+    scope = ScopeBudget(ScopeKind.TEAM, other, None, "1h", HOUR)
+    await redis_cluster_counters.init(other, [(scope, 0)], NOW)
+    limit = RateLimit(ScopeKind.MEMBER, other, RateUnit.REQUESTS, 1, user_id="u")
+    first = await limited(redis_cluster_counters, [RateCharge(limit, 1)], team=other)
+    second = await limited(redis_cluster_counters, [RateCharge(limit, 1)], team=other)
+    assert (first.status, second.status) == (ReserveStatus.RESERVED, ReserveStatus.RATE_LIMITED)

@@ -26,7 +26,7 @@ from server.errors import RecordsUnavailable
 from server.identity import ReservationCodec, hash_api_key
 from server.metrics import Metrics
 from server.rules import Enforcement
-from server.scopes import request_scopes
+from server.scopes import Principal, request_scopes
 from server.spool import CONFLICTS_FILE, Spool
 from server.storage.base import KeyRecord, LedgerEntry, LedgerInsert, TeamRecord
 from server.storage.cached_records import CachedRecords
@@ -74,9 +74,9 @@ class FlakyRecords(SqliteRecords):
         self._check()
         return await super().insert_spend(entry)
 
-    async def sum_spend(self, *args: Any) -> int:
+    async def sum_spend(self, *args: Any, **filters: Any) -> int:
         self._check()
-        return await super().sum_spend(*args)
+        return await super().sum_spend(*args, **filters)
 
     async def create_team(self, team: TeamRecord) -> TeamRecord:
         self._check()
@@ -289,7 +289,7 @@ async def test_a_window_that_begins_during_the_outage_starts_from_zero(rig: Rig)
     key_record = await rig.records.get_key(decision.key_id)
     team_record = await rig.records.get_team(team_id)
     assert key_record is not None and team_record is not None
-    scopes = request_scopes(key_record, team_record, rig.clock.now(), UTC)
+    scopes = request_scopes(Principal(team_record, key_record), rig.clock.now(), UTC)
     ledger = await rig.inner.sum_spend(
         scopes[1].kind, team_id, scopes[1].window.start, scopes[1].window.end
     )

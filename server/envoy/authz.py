@@ -36,9 +36,11 @@ from server.config import Settings
 from server.denials import (
     ALLOW_HEADERS,
     HttpDenial,
+    RateHeaders,
     allow_headers,
     http_denial,
     http_error,
+    split_credential,
 )
 from server.envoy.openai import BodyError, RequestFacts, parse_request
 from server.envoy.wire import header_values, set_headers
@@ -68,7 +70,8 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         headers = dict(http.headers)
         headers.update(header_values(http.header_map.headers))
         headers = {name.lower(): value for name, value in headers.items()}
-        api_key, used = credential(headers)
+        token, used = credential(headers)
+        api_key, jwt = split_credential(token)
         body = bytes(http.raw_body) or http.body.encode()
         try:
             facts = parse_request(
@@ -82,6 +85,7 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
             request_id=_request_id(headers.get("x-request-id", "") or http.id),
             max_tokens=facts.max_tokens,
             prompt_tokens=facts.prompt_tokens,
+            jwt=jwt,
         )
         started = time.perf_counter()
         with self._metrics.latency.labels("EnvoyCheck").time():
@@ -100,13 +104,14 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
             decision.message,
             decision.retry_after,
             deny_status=self._settings.deny_status,
+            rate=_rate(decision),
         )
         return _denied(denial, _facts(decision))
 
 
 def credential(headers: dict[str, str]) -> tuple[str, list[str]]:
-    """The API key (``authorization: Bearer`` first, then ``x-api-key``) and the headers
-    that carry it (removed before the request goes upstream)."""
+    """The credential (``authorization: Bearer`` first, then ``x-api-key``: an API key or a
+    JWT) and the headers that carry it (removed before the request goes upstream)."""
     bearer = bearer_token(headers.get("authorization"))
     api_key = (headers.get("x-api-key") or "").strip()
     key = bearer or api_key
@@ -116,6 +121,11 @@ def credential(headers: dict[str, str]) -> tuple[str, list[str]]:
     if key and api_key == key:
         carriers.append("x-api-key")
     return key, carriers
+
+
+def _rate(decision: Decision) -> RateHeaders | None:
+    rate = decision.rate
+    return RateHeaders(rate.per_minute, rate.remaining, rate.reset_after) if rate else None
 
 
 def _request_id(value: str) -> str:

@@ -24,18 +24,36 @@ pass None and get the plain behaviour.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from server.rules import Enforcement
 from server.windows import Window
 
 
 @dataclass(frozen=True, slots=True)
+class ModelBudget:
+    """A budget for one model within a key or team (LiteLLM's ``model_max_budget`` entry)."""
+
+    limit_nanos: int
+    duration: str = ""  # "" = never resets
+
+
+def _no_model_budgets() -> Mapping[str, ModelBudget]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
 class TeamRecord:
-    """A team as stored. ``max_budget_nanos`` None means unlimited."""
+    """A team as stored. ``max_budget_nanos`` None means unlimited.
+
+    ``member_*`` are the defaults of every member of the team (LiteLLM's
+    ``team_member_budget``, ``team_member_rpm_limit``, ``team_member_tpm_limit``); a
+    :class:`MemberRecord` may override them for one member.
+    """
 
     team_id: str
     team_alias: str
@@ -46,6 +64,25 @@ class TeamRecord:
     models: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     blocked: bool = False
+    created_at: float = 0.0
+    soft_budget_nanos: int | None = None
+    member_budget_nanos: int | None = None
+    member_budget_duration: str = ""
+    member_rpm_limit: int | None = None
+    member_tpm_limit: int | None = None
+    model_max_budget: Mapping[str, ModelBudget] = field(default_factory=_no_model_budgets)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    """One user's membership of a team; a None field falls back to the team's default."""
+
+    team_id: str
+    user_id: str
+    max_budget_nanos: int | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
     created_at: float = 0.0
 
 
@@ -65,6 +102,11 @@ class KeyRecord:
     user_id: str = ""
     revoked_at: float | None = None
     created_at: float = 0.0
+    blocked: bool = False
+    soft_budget_nanos: int | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    model_max_budget: Mapping[str, ModelBudget] = field(default_factory=_no_model_budgets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +115,7 @@ class LedgerEntry:
 
     request_id: str
     team_id: str
-    key_id: str
+    key_id: str  # "" for a request authenticated by a JWT
     cost_nanos: int
     admitted_at: float  # the instant the request was admitted: picks its windows
     recorded_at: float
@@ -82,6 +124,7 @@ class LedgerEntry:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    user_id: str = ""  # the team member who spent ("" = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,22 +157,82 @@ class SpendSum:
 class ScopeKind(StrEnum):
     TEAM = "team"
     KEY = "key"
+    MEMBER = "member"  # a user within a team: scope_id is the team's id, user_id the user
 
 
 @dataclass(frozen=True, slots=True)
 class ScopeBudget:
-    """One budget a decision checks: a team's or a key's, in the window of the decision."""
+    """One budget a decision checks, in the window of the decision.
+
+    Whose spend it counts, in ledger terms: rows of key ``scope_id`` (KEY) or of team
+    ``scope_id`` (TEAM, MEMBER); for MEMBER only the rows of ``user_id``; with ``model``
+    only the rows of that model (a ``model_max_budget`` entry).
+    """
 
     kind: ScopeKind
     scope_id: str
     limit_nanos: int | None
     duration: str  # "" = never resets
     window: Window
+    user_id: str = ""
+    model: str = ""
 
     @property
     def counter_id(self) -> str:
         """The counter's identity: scope, duration and window start (a reset is a new id)."""
-        return f"{self.kind.value}:{self.scope_id}:{self.duration or 'all'}:{self.window.start}"
+        who = self.scope_id
+        if self.user_id:
+            who += f"/u={quote(self.user_id, safe='')}"
+        if self.model:
+            who += f"/m={quote(self.model, safe='')}"
+        return f"{self.kind.value}:{who}:{self.duration or 'all'}:{self.window.start}"
+
+
+class RateUnit(StrEnum):
+    """What a rate limit counts per minute."""
+
+    REQUESTS = "rpm"
+    TOKENS = "tpm"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """One per-minute limit of a key, a team or a team member (``user_id`` set)."""
+
+    kind: ScopeKind
+    scope_id: str
+    unit: RateUnit
+    per_minute: int
+    user_id: str = ""
+
+    @property
+    def limiter_id(self) -> str:
+        """The limiter's identity (not windowed: its state drains continuously)."""
+        who = self.scope_id
+        if self.user_id:
+            who += f"/u={quote(self.user_id, safe='')}"
+        return f"{self.kind.value}:{who}:{self.unit.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """A rate limit and how much one request takes from it.
+
+    At reserve: 1 for REQUESTS, the estimated tokens for TOKENS. At settle: the correction,
+    actual tokens minus the estimate (may be negative), for TOKENS limits only.
+    """
+
+    limit: RateLimit
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """A rate limit after a decision: what is left this minute and when it is all back."""
+
+    per_minute: int
+    remaining: int
+    reset_after: float  # seconds until the limiter is fully drained
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +246,7 @@ class CounterState:
 class ReserveStatus(StrEnum):
     RESERVED = "reserved"
     DENIED = "denied"
+    RATE_LIMITED = "rate_limited"
     MISSING = "missing"  # some counters must be rebuilt from the ledger first
 
 
@@ -150,15 +254,22 @@ class ReserveStatus(StrEnum):
 class ReserveResult:
     """What a reservation attempt found.
 
-    RESERVED: ``states`` are every scope's counters after the hold was placed.
+    RESERVED: ``states`` are every scope's counters after the hold was placed, ``rates``
+    every rate limit's state after it was charged.
     DENIED: ``denied_index`` names the first scope that refused; ``states`` as read.
+    RATE_LIMITED: every budget admitted, ``rate_index`` names the first rate limit that
+    refused and ``retry_after`` when it would admit; ``states`` and ``rates`` as read.
     MISSING: ``missing`` lists the scopes whose counters need ``init``; nothing was held.
+    Budgets are checked before rate limits, and nothing is held or charged unless all admit.
     """
 
     status: ReserveStatus
     states: tuple[CounterState, ...] = ()
     denied_index: int = -1
     missing: tuple[int, ...] = ()
+    rates: tuple[RateState, ...] = ()
+    rate_index: int = -1
+    retry_after: float = 0.0
     # Request ids announced by begin_settle and never settled (their budgetd died?): the
     # caller settles them from the ledger, or abandons them (see CounterStore.begin_settle).
     unsettled: tuple[str, ...] = ()
@@ -199,6 +310,29 @@ class RecordStore(Protocol):
     async def update_team(self, team: TeamRecord) -> TeamRecord:
         """Replace a team's row; raises NotFound when it does not exist."""
 
+    async def create_team_if_absent(self, team: TeamRecord) -> tuple[TeamRecord, bool]:
+        """Insert a team unless its team_id exists: the stored team, and whether it is new.
+
+        Concurrent callers on any number of replicas create exactly one team (JWT upsert).
+        """
+
+    async def update_key(self, key: KeyRecord) -> KeyRecord:
+        """Replace a key's mutable fields (blocked, budgets, limits, models, expiry, alias).
+
+        The hash, team and revocation are never changed here; raises NotFound.
+        """
+
+    async def upsert_member(self, member: MemberRecord) -> MemberRecord:
+        """Insert or replace a team membership; raises NotFound when the team does not exist."""
+
+    async def get_member(self, team_id: str, user_id: str) -> MemberRecord | None: ...
+
+    async def list_members(self, team_id: str) -> list[MemberRecord]:
+        """A team's memberships ordered by user_id."""
+
+    async def delete_member(self, team_id: str, user_id: str) -> bool:
+        """Remove a membership; False when there was none."""
+
     async def insert_key(self, key: KeyRecord) -> KeyRecord:
         """Insert a key; raises NotFound when its team does not exist."""
 
@@ -216,12 +350,30 @@ class RecordStore(Protocol):
         """The ledger row of ``request_id`` (``inserted`` False), or None."""
 
     async def sum_spend(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> int:
-        """Exact sum of ledger costs of a scope admitted in ``[start, end)`` (end None: open)."""
+        """Exact sum of ledger costs of a scope admitted in ``[start, end)`` (end None: open).
+
+        ``scope_id`` is a key id (KEY) or a team id (TEAM, MEMBER); a non-empty ``user_id``
+        or ``model`` keeps only that user's or that model's rows (see :class:`ScopeBudget`).
+        """
 
     async def sum_spend_as_of(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> SpendSum:
         """:meth:`sum_spend`, with the snapshot it was read in (to rebuild a counter)."""
 
@@ -296,10 +448,14 @@ class CounterStore(Protocol):
         hold_expires_at: float,
         now: float,
         mode: Enforcement,
+        *,
+        rates: Sequence[RateCharge] = (),
     ) -> ReserveResult:
         """Check every scope with the rule and, only if all admit, hold ``amount`` on each.
 
-        Expired holds are released first. With ``amount`` 0 nothing is held.
+        Then, in the same atomic step, every rate limit in ``rates`` (see
+        :mod:`server.ratelimit` for the rule); only if all admit is each charged and the
+        hold placed. Expired holds are released first. With ``amount`` 0 nothing is held.
         """
 
     async def init(
@@ -341,6 +497,7 @@ class CounterStore(Protocol):
         dedupe_ttl: float,
         *,
         xact: int | None = None,
+        rates: Sequence[RateCharge] = (),
     ) -> SettleResult:
         """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
 
@@ -352,6 +509,9 @@ class CounterStore(Protocol):
 
         A store whose spend *is* the ledger (PostgresCounters) adds nothing here: settling
         only releases the hold, the caller's ledger row is the spend.
+
+        ``rates`` are token corrections (actual minus estimated tokens), applied with the
+        settle, once per ``request_id`` like the cost.
         """
 
     async def read(

@@ -1,17 +1,24 @@
 """A record store wrapper that caches keys and teams, and rides out a record-store outage.
 
-Every decision reads its key and team. :class:`CachedRecords` keeps the answers of
-``get_key_by_hash``, ``get_key`` and ``get_team`` in a bounded LRU cache in this process:
+Every decision reads its key and team (and, with a user, the team membership).
+:class:`CachedRecords` keeps the answers of ``get_key_by_hash``, ``get_key``, ``get_team``
+and ``get_member`` in a bounded LRU cache in this process:
 
 * an entry younger than ``ttl`` seconds (``budgetd.record_cache_ttl``, default 5 s) is served
   without asking Postgres. So a change made through *another* replica (a revoked key, a new
-  budget, a blocked team) reaches this one within ``ttl`` seconds; a change made through
-  this replica applies here at once, since writes go through and refresh their entries;
+  budget, a blocked team, a removed member) reaches this one within ``ttl`` seconds; a
+  change made through this replica applies here at once, since writes go through and
+  refresh their entries;
 * an older entry is refreshed from the store, and served as it is (whatever its age) only
   when the store is down (:class:`~server.errors.RecordsUnavailable`) and ``serve_stale``
   is set (``budgetd.postgres_down: spool``), so known keys keep being decided from Redis
   while Postgres is down. A key or team never seen by this process cannot be resolved then:
   the call fails with UNAVAILABLE, never with an allow.
+
+``create_team_if_absent`` (the JWT team upsert, on every JWT request) answers from a fresh
+cached team without writing, since teams are never deleted; otherwise it goes to the store
+and caches the team it returns (when the store is down, a cached team is served under the
+same rule as above).
 
 Everything else (the ledger, sums, listings, writes) goes straight to the wrapped store.
 Entries are also evicted least-recently-used beyond ``capacity``. A read that started
@@ -32,6 +39,7 @@ from server.storage.base import (
     KeyRecord,
     LedgerEntry,
     LedgerInsert,
+    MemberRecord,
     RecordStore,
     ScopeKind,
     SpendQuery,
@@ -47,12 +55,14 @@ DEFAULT_CAPACITY: Final = 100_000
 _TEAM: Final = "team"
 _KEY: Final = "key"
 _HASH: Final = "hash"
-Slot = tuple[str, str]
+_MEMBER: Final = "member"
+Slot = tuple[str, ...]  # (kind, id) or (member, team_id, user_id)
+Cached = KeyRecord | TeamRecord | MemberRecord
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    value: KeyRecord | TeamRecord | None
+    value: Cached | None
     fetched_at: float
     version: int  # the write sequence number when the read began (or of the write)
 
@@ -97,9 +107,16 @@ class CachedRecords:
         assert found is None or isinstance(found, KeyRecord)
         return found
 
+    async def get_member(self, team_id: str, user_id: str) -> MemberRecord | None:
+        found = await self._read(
+            (_MEMBER, team_id, user_id), lambda: self.inner.get_member(team_id, user_id)
+        )
+        assert found is None or isinstance(found, MemberRecord)
+        return found
+
     async def _read(
-        self, slot: Slot, fetch: Callable[[], Awaitable[KeyRecord | TeamRecord | None]]
-    ) -> KeyRecord | TeamRecord | None:
+        self, slot: Slot, fetch: Callable[[], Awaitable[Cached | None]]
+    ) -> Cached | None:
         entry = self._entries.get(slot)
         now = self._clock()
         if entry is not None and now - entry.fetched_at < self._ttl:
@@ -112,20 +129,50 @@ class CachedRecords:
             entry = self._entries.get(slot)  # a write may have refreshed it meanwhile
             if entry is None or not self._serve_stale:
                 raise
-            if not self._stale:
-                self._stale = True
-                log.warning("the record store is down: deciding from cached keys and teams")
+            self._serving_stale()
             return entry.value
-        if self._stale:
-            self._stale = False
-            log.warning("the record store is back: cached keys and teams are refreshed again")
+        self._fresh_again()
         self._store(slot, value, now, version)
         if isinstance(value, KeyRecord):  # one read fills both ways of finding the key
             other = (_KEY, value.key_id) if slot[0] == _HASH else (_HASH, value.key_hash)
             self._store(other, value, now, version)
         return value
 
+    def _serving_stale(self) -> None:
+        if not self._stale:
+            self._stale = True
+            log.warning("the record store is down: deciding from cached keys and teams")
+
+    def _fresh_again(self) -> None:
+        if self._stale:
+            self._stale = False
+            log.warning("the record store is back: cached keys and teams are refreshed again")
+
     # -- writes: through to the store, then refresh this process's entries -----------------
+
+    async def create_team_if_absent(self, team: TeamRecord) -> tuple[TeamRecord, bool]:
+        slot = (_TEAM, team.team_id)
+        entry = self._entries.get(slot)
+        now = self._clock()
+        # Teams are never deleted: a team known to exist needs no write to be "upserted".
+        if entry is not None and entry.value is not None and now - entry.fetched_at < self._ttl:
+            self._entries.move_to_end(slot)
+            assert isinstance(entry.value, TeamRecord)
+            return entry.value, False
+        version = self._writes
+        try:
+            stored, created = await self.inner.create_team_if_absent(team)
+        except RecordsUnavailable:
+            entry = self._entries.get(slot)  # a write may have refreshed it meanwhile
+            if entry is None or entry.value is None or not self._serve_stale:
+                raise
+            self._serving_stale()
+            assert isinstance(entry.value, TeamRecord)
+            return entry.value, False
+        self._fresh_again()
+        # Stored like a read: a local write to the team that finished meanwhile is newer.
+        self._store(slot, stored, now, version)
+        return stored, created
 
     async def create_team(self, team: TeamRecord) -> TeamRecord:
         stored = await self.inner.create_team(team)
@@ -150,17 +197,30 @@ class CachedRecords:
             self._written_key(revoked)
         return revoked
 
+    async def update_key(self, key: KeyRecord) -> KeyRecord:
+        stored = await self.inner.update_key(key)
+        self._written_key(stored)
+        return stored
+
+    async def upsert_member(self, member: MemberRecord) -> MemberRecord:
+        stored = await self.inner.upsert_member(member)
+        self._written((_MEMBER, stored.team_id, stored.user_id), stored)
+        return stored
+
+    async def delete_member(self, team_id: str, user_id: str) -> bool:
+        deleted = await self.inner.delete_member(team_id, user_id)
+        self._written((_MEMBER, team_id, user_id), None)
+        return deleted
+
     def _written_key(self, key: KeyRecord) -> None:
         self._written((_KEY, key.key_id), key)
         self._written((_HASH, key.key_hash), key)
 
-    def _written(self, slot: Slot, value: KeyRecord | TeamRecord | None) -> None:
+    def _written(self, slot: Slot, value: Cached | None) -> None:
         self._writes += 1
         self._store(slot, value, self._clock(), self._writes)
 
-    def _store(
-        self, slot: Slot, value: KeyRecord | TeamRecord | None, at: float, version: int
-    ) -> None:
+    def _store(self, slot: Slot, value: Cached | None, at: float, version: int) -> None:
         current = self._entries.get(slot)
         if current is not None and current.version > version:
             return  # written after this read began: the write is newer
@@ -189,15 +249,34 @@ class CachedRecords:
     async def get_spend(self, request_id: str) -> LedgerInsert | None:
         return await self.inner.get_spend(request_id)
 
+    async def list_members(self, team_id: str) -> list[MemberRecord]:
+        return await self.inner.list_members(team_id)
+
     async def sum_spend(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> int:
-        return await self.inner.sum_spend(kind, scope_id, start, end)
+        return await self.inner.sum_spend(kind, scope_id, start, end, user_id=user_id, model=model)
 
     async def sum_spend_as_of(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> SpendSum:
-        return await self.inner.sum_spend_as_of(kind, scope_id, start, end)
+        return await self.inner.sum_spend_as_of(
+            kind, scope_id, start, end, user_id=user_id, model=model
+        )
 
     async def list_keys(
         self, team_id: str, after_key_id: str, limit: int, *, include_revoked: bool = False

@@ -18,6 +18,10 @@ ledger, by setting them. Teams this replica did not touch kept exact counters.
 Other replicas decide on their own: one that still reaches Redis keeps using its counters,
 which miss what a failed-over replica spent until that replica returns and forgets them
 (decisions there may be that much too lenient meanwhile; the ledger is exact throughout).
+
+Rate limits follow the same switch: in Redis normally, in the Postgres store's per-replica
+limiters while failed over (see :mod:`server.storage.postgres_counters`). Nothing is carried
+across a switch: rate state is not money, and a minute later it has drained anyway.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from server.rules import Enforcement
 from server.storage.base import (
     CounterState,
     CounterStore,
+    RateCharge,
     ReserveResult,
     ScopeBudget,
     SettleResult,
@@ -98,11 +103,13 @@ class FailoverCounters:
         hold_expires_at: float,
         now: float,
         mode: Enforcement,
+        *,
+        rates: Sequence[RateCharge] = (),
     ) -> ReserveResult:
         return await self._call(
             team_id,
             lambda store: store.reserve(
-                team_id, scopes, amount, reservation_id, hold_expires_at, now, mode
+                team_id, scopes, amount, reservation_id, hold_expires_at, now, mode, rates=rates
             ),
         )
 
@@ -134,11 +141,20 @@ class FailoverCounters:
         dedupe_ttl: float,
         *,
         xact: int | None = None,
+        rates: Sequence[RateCharge] = (),
     ) -> SettleResult:
         return await self._call(
             team_id,
             lambda store: store.settle(
-                team_id, reservation_id, scopes, cost, request_id, now, dedupe_ttl, xact=xact
+                team_id,
+                reservation_id,
+                scopes,
+                cost,
+                request_id,
+                now,
+                dedupe_ttl,
+                xact=xact,
+                rates=rates,
             ),
         )
 

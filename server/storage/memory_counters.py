@@ -1,7 +1,8 @@
 """In-process counters for the embedded single-instance default.
 
 Every method runs to completion without awaiting, and asyncio runs one coroutine at a time,
-so each call is one atomic step, like one Lua script in Redis: no locks are needed.
+so each call is one atomic step, like one Lua script in Redis: no locks are needed. Rate
+limits live beside the counters, in :class:`~server.storage.memory_limiters.RateLimiters`.
 
 This module also holds the retention rules both counter stores share (how long a counter and
 a dedupe marker live, how many expired holds one call releases), so the Redis store cannot
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field
 from server.rules import Enforcement, admits
 from server.storage.base import (
     CounterState,
+    RateCharge,
     ReserveResult,
     ReserveStatus,
     ScopeBudget,
     SettleResult,
 )
+from server.storage.memory_limiters import RateLimiters, check_rates, now_ms
 from server.storage.snapshots import visible
 from server.windows import Window
 
@@ -112,6 +115,7 @@ class MemoryCounters:
         # Min-heaps of (expires_at, team, id) to reclaim memory; may hold stale entries.
         self._counter_expiry: list[tuple[float, str, str]] = []
         self._done_expiry: list[tuple[float, str, str]] = []
+        self._limiters = RateLimiters()
 
     async def start(self) -> None:
         """Nothing to connect."""
@@ -128,14 +132,19 @@ class MemoryCounters:
         hold_expires_at: float,
         now: float,
         mode: Enforcement,
+        *,
+        rates: Sequence[RateCharge] = (),
     ) -> ReserveResult:
-        """Check every scope with the rule and, only if all admit, hold ``amount`` on each.
+        """Check every scope with the rule, then every rate limit; only if all admit, hold
+        ``amount`` on each scope and charge each limit.
 
         Expired holds are released first; an earlier hold under the same ``reservation_id``
-        is replaced, not added to. With ``amount`` 0 nothing is held.
+        is replaced, not added to (its rate charges are not: a retried check counts again).
+        With ``amount`` 0 nothing is held.
         """
         check_nanos("amount", amount)
         check_scopes(scopes)
+        check_rates(rates, at_reserve=True)
         if amount > 0 and not reservation_id:
             raise ValueError("a hold needs a reservation_id")
         self._sweep(now)
@@ -158,6 +167,16 @@ class MemoryCounters:
                     denied_index=index,
                     unsettled=unsettled,
                 )
+        decision = self._limiters.reserve(team_id, rates, now, mode)
+        if not decision.admitted:
+            return ReserveResult(
+                ReserveStatus.RATE_LIMITED,
+                states=tuple(c.state() for c in counters),
+                rates=decision.states,
+                rate_index=decision.refused,
+                retry_after=decision.retry_after,
+                unsettled=unsettled,
+            )
 
         if amount > 0:
             for counter in counters:
@@ -167,7 +186,9 @@ class MemoryCounters:
             holds.by_id[reservation_id] = _Hold(amount, ids, hold_expires_at)
             heapq.heappush(holds.by_expiry, (hold_expires_at, reservation_id))
         states = tuple(c.state() for c in counters)
-        return ReserveResult(ReserveStatus.RESERVED, states=states, unsettled=unsettled)
+        return ReserveResult(
+            ReserveStatus.RESERVED, states=states, rates=decision.states, unsettled=unsettled
+        )
 
     async def init(
         self,
@@ -216,14 +237,17 @@ class MemoryCounters:
         dedupe_ttl: float,
         *,
         xact: int | None = None,
+        rates: Sequence[RateCharge] = (),
     ) -> SettleResult:
-        """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
+        """Release the reservation's hold (if any), add ``cost`` to each existing counter and
+        apply the token corrections ``rates`` to their limiters.
 
         Applied once per ``request_id`` within ``dedupe_ttl`` seconds; a repeat changes
         nothing and returns ``applied=False`` with the current counters. A counter whose
         snapshot sees ``xact`` is not added to; for a missing one the cost is parked.
         """
         check_nanos("cost", cost)
+        check_rates(rates, at_reserve=False)
         if not request_id:
             raise ValueError("settle needs a request_id")
         marker_seconds = dedupe_seconds(dedupe_ttl)
@@ -247,6 +271,7 @@ class MemoryCounters:
                     counter.spend += cost
             elif xact is not None:
                 self._park(team_id, scope.counter_id, xact, cost, now + marker_seconds)
+        self._limiters.correct(team_id, rates, now)
         return SettleResult(True, self._states(team_id, scopes, now), unsettled)
 
     async def begin_settle(
@@ -355,10 +380,11 @@ class MemoryCounters:
             holds = self._holds.get(team_id)
 
     def _sweep(self, now: float) -> None:
-        """Reclaim memory of counters and dedupe markers past their expiry.
+        """Reclaim memory of counters, dedupe markers and rate limiters past their expiry.
 
         Lookups already treat them as gone; this only keeps memory bounded.
         """
+        self._limiters.sweep(now_ms(now))
         for _ in range(_SWEEP_LIMIT):
             if not self._counter_expiry or self._counter_expiry[0][0] > now:
                 break

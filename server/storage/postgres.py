@@ -33,12 +33,14 @@ from server.storage.base import (
     KeyRecord,
     LedgerEntry,
     LedgerInsert,
+    MemberRecord,
     ScopeKind,
     SpendQuery,
     SpendRow,
     SpendSum,
     TeamRecord,
 )
+from server.storage.model_budgets import decode_model_budgets, encode_model_budgets
 from server.storage.spend_sql import POSTGRES, spend_report_sql, spend_row
 
 _In = TypeVar("_In")
@@ -85,11 +87,17 @@ _SQL_GET_SETTING: Final = "SELECT value FROM budgetd_settings WHERE name = $1"
 # --- Teams -----------------------------------------------------------------------------
 _TEAM_COLUMNS: Final = (
     "team_id, team_alias, max_budget, budget_duration, tpm_limit, rpm_limit, models,"
-    " metadata, blocked, created_at"
+    " metadata, blocked, created_at, soft_budget, member_budget, member_budget_duration,"
+    " member_rpm_limit, member_tpm_limit, model_max_budget"
 )
+_TEAM_VALUES: Final = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16"
 _SQL_INSERT_TEAM: Final = (
-    f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-    f" RETURNING {_TEAM_COLUMNS}"
+    f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ({_TEAM_VALUES}) RETURNING {_TEAM_COLUMNS}"
+)
+# The JWT upsert: nothing is written (and nothing returned) when the team exists already.
+_SQL_INSERT_TEAM_IF_ABSENT: Final = (
+    f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ({_TEAM_VALUES})"
+    f" ON CONFLICT (team_id) DO NOTHING RETURNING {_TEAM_COLUMNS}"
 )
 _SQL_GET_TEAM: Final = f"SELECT {_TEAM_COLUMNS} FROM teams WHERE team_id = $1"
 _SQL_LIST_TEAMS: Final = (
@@ -97,20 +105,30 @@ _SQL_LIST_TEAMS: Final = (
 )
 _SQL_UPDATE_TEAM: Final = f"""
 UPDATE teams SET team_alias = $2, max_budget = $3, budget_duration = $4, tpm_limit = $5,
-    rpm_limit = $6, models = $7, metadata = $8, blocked = $9, created_at = $10
+    rpm_limit = $6, models = $7, metadata = $8, blocked = $9, created_at = $10,
+    soft_budget = $11, member_budget = $12, member_budget_duration = $13,
+    member_rpm_limit = $14, member_tpm_limit = $15, model_max_budget = $16
 WHERE team_id = $1
 RETURNING {_TEAM_COLUMNS}"""
 
 # --- Keys ------------------------------------------------------------------------------
 _KEY_COLUMNS: Final = (
     "key_id, key_hash, key_prefix, team_id, key_alias, max_budget, budget_duration,"
-    " expires_at, models, user_id, revoked_at, created_at"
+    " expires_at, models, user_id, revoked_at, created_at, blocked, soft_budget, rpm_limit,"
+    " tpm_limit, model_max_budget"
 )
 _SQL_INSERT_KEY: Final = (
     f"INSERT INTO api_keys ({_KEY_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
     f" RETURNING {_KEY_COLUMNS}"
 )
+# The mutable fields only: hash, prefix, team, user, revocation and creation are kept.
+_SQL_UPDATE_KEY: Final = f"""
+UPDATE api_keys SET key_alias = $2, max_budget = $3, budget_duration = $4, expires_at = $5,
+    models = $6, blocked = $7, soft_budget = $8, rpm_limit = $9, tpm_limit = $10,
+    model_max_budget = $11
+WHERE key_id = $1
+RETURNING {_KEY_COLUMNS}"""
 _SQL_GET_KEY: Final = f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = $1"
 _SQL_GET_KEY_BY_HASH: Final = f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"
 _SQL_REVOKE_KEY: Final = (
@@ -118,30 +136,69 @@ _SQL_REVOKE_KEY: Final = (
     f" RETURNING {_KEY_COLUMNS}"
 )
 
+# --- Team members ----------------------------------------------------------------------
+_MEMBER_COLUMNS: Final = (
+    "team_id, user_id, max_budget, budget_duration, rpm_limit, tpm_limit, created_at"
+)
+# A replaced membership keeps the instant it was first created.
+_SQL_UPSERT_MEMBER: Final = f"""
+INSERT INTO team_members ({_MEMBER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (team_id, user_id) DO UPDATE SET max_budget = EXCLUDED.max_budget,
+    budget_duration = EXCLUDED.budget_duration, rpm_limit = EXCLUDED.rpm_limit,
+    tpm_limit = EXCLUDED.tpm_limit
+RETURNING {_MEMBER_COLUMNS}"""
+_SQL_GET_MEMBER: Final = (
+    f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE team_id = $1 AND user_id = $2"
+)
+_SQL_LIST_MEMBERS: Final = (
+    f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE team_id = $1 ORDER BY user_id"
+)
+_SQL_DELETE_MEMBER: Final = (
+    "DELETE FROM team_members WHERE team_id = $1 AND user_id = $2 RETURNING true"
+)
+
 # --- Spend ledger ----------------------------------------------------------------------
 _LEDGER_COLUMNS: Final = (
     "request_id, team_id, key_id, cost, admitted_at, recorded_at, reservation_id, model,"
-    " prompt_tokens, completion_tokens, metadata"
+    " prompt_tokens, completion_tokens, metadata, user_id"
 )
 # xact (migration 0002) is filled by its column default: the writing transaction's id.
 _SQL_INSERT_SPEND: Final = (
     f"INSERT INTO spend_ledger ({_LEDGER_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
     f" ON CONFLICT (request_id) DO NOTHING RETURNING {_LEDGER_COLUMNS}, xact"
 )
 _SQL_GET_SPEND: Final = f"SELECT {_LEDGER_COLUMNS}, xact FROM spend_ledger WHERE request_id = $1"
-# One query per scope kind so each is served by its (scope, admitted_at) index; a NULL end
-# means no upper bound.
-_SUM_SPEND: Final = """SELECT COALESCE(SUM(cost), 0) FROM spend_ledger WHERE {scope} = $1
-    AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
-_SQL_SUM_TEAM_SPEND: Final = _SUM_SPEND.format(scope="team_id")
-_SQL_SUM_KEY_SPEND: Final = _SUM_SPEND.format(scope="key_id")
-# The same sums with the snapshot of the statement that read them (a rebuilt counter keeps it).
-_SUM_SPEND_AS_OF: Final = _SUM_SPEND.replace(
-    "SELECT COALESCE(SUM(cost), 0)", "SELECT COALESCE(SUM(cost), 0), pg_current_snapshot()::text"
-)
-_SQL_SUM_TEAM_SPEND_AS_OF: Final = _SUM_SPEND_AS_OF.format(scope="team_id")
-_SQL_SUM_KEY_SPEND_AS_OF: Final = _SUM_SPEND_AS_OF.format(scope="key_id")
+
+
+def _sum_spend_sql(scope: str, *, by_user: bool, by_model: bool, as_of: bool) -> str:
+    """One fixed statement per shape, each served by an index on (its columns, admitted_at):
+    (team_id | key_id), (team_id, user_id) or (team_id | key_id, model). A NULL end ($3)
+    means no upper bound; $4 is the user, then the model. ``as_of`` adds the snapshot of
+    the statement that summed (a rebuilt counter keeps it)."""
+    select = "COALESCE(SUM(cost), 0)" + (", pg_current_snapshot()::text" if as_of else "")
+    where = [
+        f"{scope} = $1",
+        "admitted_at >= $2",
+        "admitted_at < COALESCE($3::timestamptz, 'infinity')",
+    ]
+    if by_user:
+        where.append("user_id = $4")
+    if by_model:
+        where.append(f"model = ${5 if by_user else 4}")
+    return f"SELECT {select} FROM spend_ledger WHERE {' AND '.join(where)}"
+
+
+# (scope column, by user, by model, as of) -> the statement.
+_SQL_SUM_SPEND: Final = {
+    (scope, by_user, by_model, as_of): _sum_spend_sql(
+        scope, by_user=by_user, by_model=by_model, as_of=as_of
+    )
+    for scope in ("team_id", "key_id")
+    for by_user in (False, True)
+    for by_model in (False, True)
+    for as_of in (False, True)
+}
 
 # --- Listings (issue 6) ----------------------------------------------------------------
 _SQL_LIST_KEYS: Final = (
@@ -318,6 +375,51 @@ class PostgresRecords:
             raise NotFound(f"team {team.team_id!r} not found")
         return _team_from_row(row)
 
+    async def create_team_if_absent(self, team: TeamRecord) -> tuple[TeamRecord, bool]:
+        """Insert a team unless its team_id exists: the stored team, and whether it is new.
+
+        One ``INSERT … ON CONFLICT DO NOTHING``: of concurrent callers on any connections
+        exactly one inserts; the others wait for its commit, insert nothing, and read the
+        row it committed.
+        """
+        async with self._connection() as conn:
+            for _ in range(3):
+                row = await conn.fetchrow(_SQL_INSERT_TEAM_IF_ABSENT, *_team_args(team))
+                if row is not None:
+                    return _team_from_row(row), True
+                row = await conn.fetchrow(_SQL_GET_TEAM, team.team_id)
+                if row is not None:
+                    return _team_from_row(row), False
+                # Deleted between the two statements (teams are not deleted today): again.
+        raise RuntimeError(f"team {team.team_id!r} neither inserted nor found")
+
+    async def upsert_member(self, member: MemberRecord) -> MemberRecord:
+        """Insert or replace a membership (keeping its created_at); NotFound without the team."""
+        async with self._connection() as conn:
+            try:
+                row = await conn.fetchrow(_SQL_UPSERT_MEMBER, *_member_args(member))
+            except pg_errors.ForeignKeyViolationError as exc:
+                raise NotFound(f"team {member.team_id!r} not found") from exc
+        return _member_from_row(_returned(row))
+
+    async def get_member(self, team_id: str, user_id: str) -> MemberRecord | None:
+        """The membership, or None."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_SQL_GET_MEMBER, team_id, user_id)
+        return None if row is None else _member_from_row(row)
+
+    async def list_members(self, team_id: str) -> list[MemberRecord]:
+        """A team's memberships ordered by user_id (code-point order)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_SQL_LIST_MEMBERS, team_id)
+        return [_member_from_row(row) for row in rows]
+
+    async def delete_member(self, team_id: str, user_id: str) -> bool:
+        """Remove a membership; False when there was none."""
+        async with self._connection() as conn:
+            deleted = await conn.fetchval(_SQL_DELETE_MEMBER, team_id, user_id)
+        return bool(deleted)
+
     async def insert_key(self, key: KeyRecord) -> KeyRecord:
         """Insert a key; NotFound when its team does not exist, AlreadyExists on a duplicate."""
         async with self._connection() as conn:
@@ -342,6 +444,14 @@ class PostgresRecords:
         async with self._connection() as conn:
             row = await conn.fetchrow(_SQL_GET_KEY_BY_HASH, key_hash)
         return None if row is None else _key_from_row(row)
+
+    async def update_key(self, key: KeyRecord) -> KeyRecord:
+        """Replace a key's mutable fields; the stored key (hash, team, revocation kept)."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_SQL_UPDATE_KEY, *_key_update_args(key))
+        if row is None:
+            raise NotFound(f"key {key.key_id!r} not found")
+        return _key_from_row(row)
 
     async def revoke_key(self, key_id: str, at: float) -> KeyRecord | None:
         """Mark a key revoked, keeping an earlier revocation time; None if no such key."""
@@ -372,23 +482,38 @@ class PostgresRecords:
         return None if row is None else LedgerInsert(False, _ledger_from_row(row), row["xact"])
 
     async def sum_spend(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> int:
-        """Exact sum, in nano-USD, of a scope's ledger costs admitted in ``[start, end)``."""
-        query = _SQL_SUM_TEAM_SPEND if kind is ScopeKind.TEAM else _SQL_SUM_KEY_SPEND
-        bounds = (_to_timestamp(start), _or_none(_to_timestamp, end))
+        """Exact sum, in nano-USD, of a scope's ledger costs admitted in ``[start, end)``.
+
+        A non-empty ``user_id`` / ``model`` keeps only that user's / model's rows.
+        """
+        query, args = _sum_spend_query(kind, scope_id, start, end, user_id, model, as_of=False)
         async with self._connection() as conn:
-            total = await conn.fetchval(query, scope_id, *bounds)
+            total = await conn.fetchval(query, *args)
         return decimal_to_nanos(total)
 
     async def sum_spend_as_of(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> SpendSum:
         """:meth:`sum_spend` and the snapshot of the statement that summed (one round trip)."""
-        query = _SQL_SUM_TEAM_SPEND_AS_OF if kind is ScopeKind.TEAM else _SQL_SUM_KEY_SPEND_AS_OF
-        bounds = (_to_timestamp(start), _or_none(_to_timestamp, end))
+        query, args = _sum_spend_query(kind, scope_id, start, end, user_id, model, as_of=True)
         async with self._connection() as conn:
-            row = _returned(await conn.fetchrow(query, scope_id, *bounds))
+            row = _returned(await conn.fetchrow(query, *args))
         return SpendSum(decimal_to_nanos(row[0]), row[1])
 
     # -- listings and reports (issue 6) ------------------------------------------------------
@@ -432,6 +557,24 @@ def _or_none(convert: Callable[[_In], _Out], value: _In | None) -> _Out | None:
     return None if value is None else convert(value)
 
 
+def _sum_spend_query(
+    kind: ScopeKind,
+    scope_id: str,
+    start: float,
+    end: float | None,
+    user_id: str,
+    model: str,
+    *,
+    as_of: bool,
+) -> tuple[str, list[Any]]:
+    """The sum statement of a scope (and filters) and its arguments."""
+    scope = "key_id" if kind is ScopeKind.KEY else "team_id"  # TEAM and MEMBER: the team
+    query = _SQL_SUM_SPEND[scope, bool(user_id), bool(model), as_of]
+    args: list[Any] = [scope_id, _to_timestamp(start), _or_none(_to_timestamp, end)]
+    args += [value for value in (user_id, model) if value]
+    return query, args
+
+
 def _team_args(team: TeamRecord) -> tuple[Any, ...]:
     return (
         team.team_id,
@@ -444,6 +587,12 @@ def _team_args(team: TeamRecord) -> tuple[Any, ...]:
         team.metadata,
         team.blocked,
         _to_timestamp(team.created_at),
+        _or_none(nanos_to_decimal, team.soft_budget_nanos),
+        _or_none(nanos_to_decimal, team.member_budget_nanos),
+        team.member_budget_duration,
+        team.member_rpm_limit,
+        team.member_tpm_limit,
+        encode_model_budgets(team.model_max_budget),
     )
 
 
@@ -459,6 +608,12 @@ def _team_from_row(row: asyncpg.Record) -> TeamRecord:
         metadata=row["metadata"],
         blocked=row["blocked"],
         created_at=row["created_at"].timestamp(),
+        soft_budget_nanos=_or_none(decimal_to_nanos, row["soft_budget"]),
+        member_budget_nanos=_or_none(decimal_to_nanos, row["member_budget"]),
+        member_budget_duration=row["member_budget_duration"],
+        member_rpm_limit=row["member_rpm_limit"],
+        member_tpm_limit=row["member_tpm_limit"],
+        model_max_budget=decode_model_budgets(row["model_max_budget"]),
     )
 
 
@@ -477,6 +632,27 @@ def _key_args(key: KeyRecord) -> tuple[Any, ...]:
         key.user_id or None,
         _or_none(_to_timestamp, key.revoked_at),
         _to_timestamp(key.created_at),
+        key.blocked,
+        _or_none(nanos_to_decimal, key.soft_budget_nanos),
+        key.rpm_limit,
+        key.tpm_limit,
+        encode_model_budgets(key.model_max_budget),
+    )
+
+
+def _key_update_args(key: KeyRecord) -> tuple[Any, ...]:
+    return (
+        key.key_id,
+        key.key_alias or None,
+        _or_none(nanos_to_decimal, key.max_budget_nanos),
+        key.budget_duration,
+        _or_none(_to_timestamp, key.expires_at),
+        list(key.models),
+        key.blocked,
+        _or_none(nanos_to_decimal, key.soft_budget_nanos),
+        key.rpm_limit,
+        key.tpm_limit,
+        encode_model_budgets(key.model_max_budget),
     )
 
 
@@ -494,6 +670,35 @@ def _key_from_row(row: asyncpg.Record) -> KeyRecord:
         user_id=row["user_id"] or "",
         revoked_at=_or_none(datetime.timestamp, row["revoked_at"]),
         created_at=row["created_at"].timestamp(),
+        blocked=row["blocked"],
+        soft_budget_nanos=_or_none(decimal_to_nanos, row["soft_budget"]),
+        rpm_limit=row["rpm_limit"],
+        tpm_limit=row["tpm_limit"],
+        model_max_budget=decode_model_budgets(row["model_max_budget"]),
+    )
+
+
+def _member_args(member: MemberRecord) -> tuple[Any, ...]:
+    return (
+        member.team_id,
+        member.user_id,
+        _or_none(nanos_to_decimal, member.max_budget_nanos),
+        member.budget_duration,  # None: the team's member_budget_duration
+        member.rpm_limit,
+        member.tpm_limit,
+        _to_timestamp(member.created_at),
+    )
+
+
+def _member_from_row(row: asyncpg.Record) -> MemberRecord:
+    return MemberRecord(
+        team_id=row["team_id"],
+        user_id=row["user_id"],
+        max_budget_nanos=_or_none(decimal_to_nanos, row["max_budget"]),
+        budget_duration=row["budget_duration"],
+        rpm_limit=row["rpm_limit"],
+        tpm_limit=row["tpm_limit"],
+        created_at=row["created_at"].timestamp(),
     )
 
 
@@ -510,6 +715,7 @@ def _ledger_args(entry: LedgerEntry) -> tuple[Any, ...]:
         entry.prompt_tokens,
         entry.completion_tokens,
         entry.metadata or None,  # the ledger is the big table: no '{}' on every row
+        entry.user_id,
     )
 
 
@@ -526,4 +732,5 @@ def _ledger_from_row(row: asyncpg.Record) -> LedgerEntry:
         prompt_tokens=row["prompt_tokens"] or 0,
         completion_tokens=row["completion_tokens"] or 0,
         metadata=row["metadata"] or {},
+        user_id=row["user_id"],
     )

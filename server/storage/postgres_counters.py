@@ -20,6 +20,17 @@ How this store differs from the Redis and in-process ones, behind the same inter
 Expired holds are ignored by every sum and purged (at most ``PURGE_LIMIT`` per call) by the
 team's next reserve, settle or release. All instants come from the caller's ``now``, never
 from the database's clock.
+
+A scope's spend is the record store's own ledger sum (``_sum_spend_query``): a key's rows, a
+team's, a member's (the team's rows of that ``user_id``), each optionally of one ``model``.
+
+Rate limits (rpm, tpm) are *not* in Postgres: each PostgresCounters keeps its limiters in
+process (:class:`~server.storage.memory_limiters.RateLimiters`), checked and charged under the
+team's advisory lock after the budgets admit. This is a per-replica approximation while Redis
+is down: with N replicas failed over, a limit may admit up to N times its rate, and limiter
+state does not carry over to or from Redis (a limiter starts empty on each side of a
+failover). Settle corrections are applied once per ``request_id`` within ``dedupe_ttl`` in
+this replica (the budget side needs no dedupe here, the rate side does). Budgets stay exact.
 """
 
 from __future__ import annotations
@@ -37,16 +48,18 @@ from server.money import decimal_to_nanos, nanos_to_decimal
 from server.rules import Enforcement, admits
 from server.storage.base import (
     CounterState,
+    RateCharge,
     ReserveResult,
     ReserveStatus,
     ScopeBudget,
-    ScopeKind,
     SettleResult,
 )
-from server.storage.memory_counters import PURGE_LIMIT, check_nanos, check_scopes
+from server.storage.memory_counters import PURGE_LIMIT, check_nanos, check_scopes, dedupe_seconds
+from server.storage.memory_limiters import RateLimiters, check_rates, now_ms
 
-# One conversion of instants and one translation of outages, shared with the record store.
-from server.storage.postgres import _driver_errors, _to_timestamp, migrate
+# One conversion of instants, one translation of outages and one ledger sum per scope, shared
+# with the record store.
+from server.storage.postgres import _driver_errors, _sum_spend_query, _to_timestamp, migrate
 
 _SQL_LOCK_TEAM: Final = "SELECT pg_advisory_xact_lock($1)"
 _SQL_PURGE: Final = f"""DELETE FROM budget_holds WHERE ctid = ANY(ARRAY(
@@ -57,12 +70,6 @@ _SQL_DROP_HOLD: Final = (
 _SQL_DROP_ANY_HOLD: Final = "DELETE FROM budget_holds WHERE team_id = $1 AND reservation_id = $2"
 _SQL_HELD: Final = """SELECT counter_id, COALESCE(SUM(amount), 0) AS held FROM budget_holds
     WHERE counter_id = ANY($1::text[]) AND expires_at > $2 GROUP BY counter_id"""
-_SUM: Final = """SELECT COALESCE(SUM(cost), 0) FROM spend_ledger WHERE {column} = $1
-    AND admitted_at >= $2 AND admitted_at < COALESCE($3::timestamptz, 'infinity')"""
-_SQL_SPEND: Final = {
-    ScopeKind.TEAM: _SUM.format(column="team_id"),
-    ScopeKind.KEY: _SUM.format(column="key_id"),
-}
 _SQL_HOLD: Final = """INSERT INTO budget_holds
     (reservation_id, counter_id, team_id, scope_kind, scope_id, window_start, amount, expires_at)
     SELECT $1, u.counter_id, $2, u.kind, u.scope_id, u.window_start, $3, $4
@@ -88,6 +95,7 @@ class PostgresCounters:
         self._max_size = max_size
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._limiters = RateLimiters()  # this replica's own: see the module docstring
 
     async def start(self) -> None:
         """Apply pending migrations (budget_holds), then create the pool."""
@@ -128,14 +136,19 @@ class PostgresCounters:
         hold_expires_at: float,
         now: float,
         mode: Enforcement,
+        *,
+        rates: Sequence[RateCharge] = (),
     ) -> ReserveResult:
-        """Check every scope with the rule and, only if all admit, hold ``amount`` on each.
+        """Check every scope with the rule, then every rate limit (in process); only if all
+        admit, hold ``amount`` on each scope and charge each limit.
 
         Expired holds are purged first; an earlier hold under the same ``reservation_id``
         is replaced, not added to. With ``amount`` 0 nothing is held.
         """
         check_nanos("amount", amount)
         check_scopes(scopes)
+        check_rates(rates, at_reserve=True)
+        now_ms(now)
         if amount > 0 and not reservation_id:
             raise ValueError("a hold needs a reservation_id")
         async with self._connection() as conn, conn.transaction():
@@ -147,6 +160,18 @@ class PostgresCounters:
             for index, (scope, state) in enumerate(zip(scopes, states, strict=True)):
                 if not admits(mode, scope.limit_nanos, state.spend, state.held, amount):
                     return ReserveResult(ReserveStatus.DENIED, states, denied_index=index)
+            # Checked and charged with no await in between, under the team's lock. Should the
+            # hold's insert or the commit fail after this, the charge stays: a request that
+            # then fails with Unavailable counts against this replica's limit, at most once.
+            decision = self._limiters.reserve(team_id, rates, now, mode)
+            if not decision.admitted:
+                return ReserveResult(
+                    ReserveStatus.RATE_LIMITED,
+                    states,
+                    rates=decision.states,
+                    rate_index=decision.refused,
+                    retry_after=decision.retry_after,
+                )
             if amount > 0:
                 await conn.execute(
                     _SQL_HOLD,
@@ -160,7 +185,7 @@ class PostgresCounters:
                     [_to_timestamp(scope.window.start) for scope in scopes],
                 )
                 states = tuple(CounterState(s.spend, s.held + amount) for s in states)
-        return ReserveResult(ReserveStatus.RESERVED, states)
+        return ReserveResult(ReserveStatus.RESERVED, states, rates=decision.states)
 
     async def init(
         self,
@@ -191,19 +216,27 @@ class PostgresCounters:
         dedupe_ttl: float,
         *,
         xact: int | None = None,
+        rates: Sequence[RateCharge] = (),
     ) -> SettleResult:
         """Release the reservation's hold; the cost is the caller's ledger row, not added here.
 
-        Idempotent, so ``applied`` is always True.
+        Idempotent, so ``applied`` is always True. The token corrections ``rates`` go to this
+        replica's limiters, once per ``request_id`` within ``dedupe_ttl``.
         """
         check_nanos("cost", cost)
+        check_rates(rates, at_reserve=False)
         if not request_id:
             raise ValueError("settle needs a request_id")
+        marker_seconds = dedupe_seconds(dedupe_ttl)
+        now_ms(now)
         async with self._connection() as conn:
             await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
             if reservation_id:
                 await conn.execute(_SQL_DROP_ANY_HOLD, team_id, reservation_id)
             states = await _states(conn, scopes, now)
+        # After the statements: a settle that failed with Unavailable is retried by the
+        # caller, and its corrections then apply once.
+        self._limiters.correct_once(team_id, request_id, rates, now, marker_seconds)
         return SettleResult(True, states)
 
     async def read(
@@ -245,9 +278,15 @@ async def _states(
     held = {row["counter_id"]: decimal_to_nanos(row["held"]) for row in rows}
     states = []
     for scope in scopes:
-        end = None if scope.window.end is None else _to_timestamp(scope.window.end)
-        spend = await conn.fetchval(
-            _SQL_SPEND[scope.kind], scope.scope_id, _to_timestamp(scope.window.start), end
+        query, args = _sum_spend_query(
+            scope.kind,
+            scope.scope_id,
+            scope.window.start,
+            scope.window.end,
+            scope.user_id,
+            scope.model,
+            as_of=False,
         )
+        spend = await conn.fetchval(query, *args)
         states.append(CounterState(decimal_to_nanos(spend), held.get(scope.counter_id, 0)))
     return tuple(states)

@@ -7,18 +7,22 @@ tests run against both.
 
 The keys (one hash tag per team, so the scripts run unchanged on Redis Cluster) are laid out
 in :mod:`server.storage.redis_keys`. Time always comes from the caller's ``now``, never from
-Redis ``TIME``; only the TTLs of counters, dedupe markers and parked costs run on Redis's own
-clock.
+Redis ``TIME``; only the TTLs of counters, dedupe markers, parked costs and rate limiters run
+on Redis's own clock.
+
+Rate limits (rpm, tpm) are checked and charged in the same script as the budgets
+(``reserve.lua``, token corrections in ``settle.lua``), with ``lua/ratelimit.lua`` the exact
+twin of :mod:`server.ratelimit`.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
-from typing import Any
+from typing import Any, Final
 
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -29,10 +33,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server import ratelimit
 from server.errors import Unavailable
 from server.rules import Enforcement
 from server.storage.base import (
     CounterState,
+    RateCharge,
+    RateState,
     ReserveResult,
     ReserveStatus,
     ScopeBudget,
@@ -46,6 +53,7 @@ from server.storage.memory_counters import (
     counter_ttl,
     dedupe_seconds,
 )
+from server.storage.memory_limiters import check_rates, now_ms
 from server.storage.redis_keys import TeamKeys, delete_matching
 
 # A decision must not hang on a dead Redis: fail fast into Unavailable.
@@ -56,14 +64,14 @@ _MAX_CONNECTIONS = 64
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # An epoch outlives any rebuild in flight by far; then it may go (missing reads as "").
 _EPOCH_TTL = 86_400
-# Scripts that get the shared helpers (common.lua) prepended.
-_SCRIPTS = {
-    "reserve": True,
-    "settle": True,
-    "release": True,
-    "init": True,
-    "begin": True,
-    "epoch": False,
+# Each script, and the helpers prepended to it (in order).
+_SCRIPTS: Final[Mapping[str, tuple[str, ...]]] = {
+    "reserve": ("common", "ratelimit"),
+    "settle": ("common", "ratelimit"),
+    "release": ("common",),
+    "init": ("common",),
+    "begin": ("common",),
+    "epoch": (),
 }
 # What an outage looks like from redis-py; anything else (a script error) is a bug and
 # propagates as is.
@@ -86,16 +94,21 @@ def _unavailable() -> Iterator[None]:
         raise Unavailable(f"redis unavailable: {detail}") from exc
 
 
-def _script_source(name: str, with_helpers: bool) -> str:
+def _script_source(name: str, helpers: Sequence[str]) -> str:
+    """A script with its helpers prepended, after the constants they share with Python."""
     lua = files("server.storage") / "lua"
     body = (lua / f"{name}.lua").read_text(encoding="utf-8")
-    if not with_helpers:
+    if not helpers:
         return body
-    helpers = (lua / "common.lua").read_text(encoding="utf-8")
-    constants = (
-        f"local PURGE_LIMIT = {PURGE_LIMIT}\nlocal RECOVERY_CLAIM = {RECOVERY_CLAIM_SECONDS}"
-    )
-    return f"{constants}\n{helpers}\n{body}"
+    constants = {
+        "PURGE_LIMIT": PURGE_LIMIT,
+        "RECOVERY_CLAIM": RECOVERY_CLAIM_SECONDS,
+        "WINDOW_MS": ratelimit.WINDOW_MS,
+        "MAX_LEVEL": ratelimit.MAX_LEVEL,
+    }
+    parts = [f"local {constant} = {value}" for constant, value in constants.items()]
+    parts += [(lua / f"{helper}.lua").read_text(encoding="utf-8") for helper in helpers]
+    return "\n".join([*parts, body])
 
 
 def _split_url(url: str, cluster: bool | None) -> tuple[str, bool]:
@@ -125,6 +138,21 @@ def _state(spend: str | None, held: str | None) -> CounterState | None:
 
 def _states(flat: Sequence[str | None]) -> tuple[CounterState | None, ...]:
     return tuple(_state(flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+
+
+def _rate_states(rates: Sequence[RateCharge], levels: Sequence[int]) -> tuple[RateState, ...]:
+    return tuple(
+        ratelimit.state(rate.limit.per_minute, int(level))
+        for rate, level in zip(rates, levels, strict=True)
+    )
+
+
+def _rate_args(rates: Sequence[RateCharge]) -> list[str]:
+    """ARGV of the rate charges: unit, per_minute, amount of each (see reserve.lua)."""
+    args: list[str] = []
+    for rate in rates:
+        args += [rate.limit.unit.value, str(rate.limit.per_minute), str(rate.amount)]
+    return args
 
 
 def _present(flat: Sequence[str | None]) -> tuple[CounterState, ...]:
@@ -205,14 +233,19 @@ class RedisCounters:
         hold_expires_at: float,
         now: float,
         mode: Enforcement,
+        *,
+        rates: Sequence[RateCharge] = (),
     ) -> ReserveResult:
-        """Check every scope with the rule and, only if all admit, hold ``amount`` on each.
+        """Check every scope with the rule, then every rate limit; only if all admit, hold
+        ``amount`` on each scope and charge each limit (one script).
 
         Expired holds are released first; an earlier hold under the same ``reservation_id``
-        is replaced, not added to. With ``amount`` 0 nothing is held.
+        is replaced, not added to (its rate charges are not: a retried check counts again).
+        With ``amount`` 0 nothing is held.
         """
         check_nanos("amount", amount)
         check_scopes(scopes)
+        check_rates(rates, at_reserve=True)
         if amount > 0 and not reservation_id:
             raise ValueError("a hold needs a reservation_id")
         keys = TeamKeys(self._prefix, team_id)
@@ -223,6 +256,7 @@ class RedisCounters:
                 keys.hold_expiry,
                 keys.inflight,
                 *(keys.counter(scope) for scope in scopes),
+                *(keys.limiter(rate.limit) for rate in rates),
             ],
             [
                 _seconds(now),
@@ -230,7 +264,10 @@ class RedisCounters:
                 str(amount),
                 reservation_id,
                 _seconds(hold_expires_at),
+                str(now_ms(now)),
+                str(len(scopes)),
                 *(_limit(scope.limit_nanos) for scope in scopes),
+                *_rate_args(rates),
             ],
         )
         status = ReserveStatus(reply[0])
@@ -240,7 +277,21 @@ class RedisCounters:
             return ReserveResult(status, missing=missing, unsettled=unsettled)
         if status is ReserveStatus.DENIED:
             return ReserveResult(status, _present(reply[2]), int(reply[1]), unsettled=unsettled)
-        return ReserveResult(status, states=_present(reply[1]), unsettled=unsettled)
+        if status is ReserveStatus.RATE_LIMITED:
+            return ReserveResult(
+                status,
+                _present(reply[2]),
+                rates=_rate_states(rates, reply[3]),
+                rate_index=int(reply[1]),
+                retry_after=int(reply[4]) / 1000,
+                unsettled=unsettled,
+            )
+        return ReserveResult(
+            status,
+            states=_present(reply[1]),
+            rates=_rate_states(rates, reply[2]),
+            unsettled=unsettled,
+        )
 
     async def init(
         self,
@@ -291,8 +342,10 @@ class RedisCounters:
         dedupe_ttl: float,
         *,
         xact: int | None = None,
+        rates: Sequence[RateCharge] = (),
     ) -> SettleResult:
-        """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
+        """Release the reservation's hold (if any), add ``cost`` to each existing counter and
+        apply the token corrections ``rates`` to their limiters (one script).
 
         Applied once per ``request_id`` within ``dedupe_ttl`` seconds; a repeat changes
         nothing and returns ``applied=False`` with the current counters. A counter whose
@@ -300,6 +353,7 @@ class RedisCounters:
         cost is parked for the init that recreates it.
         """
         check_nanos("cost", cost)
+        check_rates(rates, at_reserve=False)
         if not request_id:
             raise ValueError("settle needs a request_id")
         if xact is not None and xact < 0:
@@ -314,6 +368,7 @@ class RedisCounters:
                 keys.inflight,
                 *(keys.counter(scope) for scope in scopes),
                 *(keys.parked(scope) for scope in scopes),
+                *(keys.limiter(rate.limit) for rate in rates),
             ],
             [
                 _seconds(now),
@@ -322,6 +377,9 @@ class RedisCounters:
                 str(dedupe_seconds(dedupe_ttl)),
                 "" if xact is None else str(xact),
                 request_id,
+                str(now_ms(now)),
+                str(len(scopes)),
+                *_rate_args(rates),
             ],
         )
         return SettleResult(bool(int(reply[0])), _states(reply[1]), tuple(reply[2]))

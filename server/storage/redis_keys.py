@@ -14,7 +14,10 @@
   ``begin`` and their settle (see ``begin.lua``);
 * ``P:{t:T}:epoch`` — a random token, created by the first rebuild that reads it and
   replaced whenever the team's counters are forgotten: a rebuild that read it before its
-  ledger sums creates nothing if it changed (or vanished, with a FLUSHALL) meanwhile.
+  ledger sums creates nothing if it changed (or vanished, with a FLUSHALL) meanwhile;
+* ``P:{t:T}:rl:<limiter_id>`` — hash ``{level, at}`` of one rate limit of the team, its key
+  or one of its members (see ``lua/ratelimit.lua``), expiring when it has drained. Not a
+  cache of the ledger: forgetting the team's counters leaves it alone.
 
 Every key of a team carries the hash tag ``{t:T}``, so all keys one script touches share a
 slot, and all of a team's keys live on one node of a cluster.
@@ -28,7 +31,7 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from server.storage.base import ScopeBudget
+from server.storage.base import RateLimit, ScopeBudget
 
 SCAN_COUNT: Final = 1000
 """Keys one SCAN step looks at, and one DEL deletes."""
@@ -66,6 +69,9 @@ class TeamKeys:
 
     def done(self, request_id: str) -> str:
         return f"{self.base}:done:{request_id}"
+
+    def limiter(self, limit: RateLimit) -> str:
+        return f"{self.base}:rl:{limit.limiter_id}"
 
     @property
     def counters(self) -> str:

@@ -21,27 +21,47 @@ from server.storage.base import (
     KeyRecord,
     LedgerEntry,
     LedgerInsert,
+    MemberRecord,
     ScopeKind,
     SpendQuery,
     SpendRow,
     SpendSum,
     TeamRecord,
 )
+from server.storage.model_budgets import decode_model_budgets, encode_model_budgets
 from server.storage.spend_sql import SQLITE, local_day, spend_report_sql, spend_row
 
 T = TypeVar("T")
 
 _TEAM_COLUMNS = (
     "team_id, team_alias, max_budget_nanos, budget_duration, tpm_limit, rpm_limit, models,"
-    " metadata, blocked, created_at"
+    " metadata, blocked, created_at, soft_budget_nanos, member_budget_nanos,"
+    " member_budget_duration, member_rpm_limit, member_tpm_limit, model_max_budget"
+)
+_TEAM_MARKS = ",".join("?" * 16)
+# Every column but team_id and created_at (kept by update_team, as before).
+_TEAM_UPDATE = (
+    "team_alias=?, max_budget_nanos=?, budget_duration=?, tpm_limit=?, rpm_limit=?, models=?,"
+    " metadata=?, blocked=?, soft_budget_nanos=?, member_budget_nanos=?,"
+    " member_budget_duration=?, member_rpm_limit=?, member_tpm_limit=?, model_max_budget=?"
 )
 _KEY_COLUMNS = (
     "key_id, key_hash, key_prefix, team_id, key_alias, max_budget_nanos, budget_duration,"
-    " expires_at, models, user_id, revoked_at, created_at"
+    " expires_at, models, user_id, revoked_at, created_at, blocked, soft_budget_nanos,"
+    " rpm_limit, tpm_limit, model_max_budget"
+)
+_KEY_MARKS = ",".join("?" * 17)
+# The mutable fields only: hash, prefix, team, user, revocation and creation are kept.
+_KEY_UPDATE = (
+    "key_alias=?, max_budget_nanos=?, budget_duration=?, expires_at=?, models=?, blocked=?,"
+    " soft_budget_nanos=?, rpm_limit=?, tpm_limit=?, model_max_budget=?"
+)
+_MEMBER_COLUMNS = (
+    "team_id, user_id, max_budget_nanos, budget_duration, rpm_limit, tpm_limit, created_at"
 )
 _LEDGER_COLUMNS = (
     "request_id, team_id, key_id, cost_nanos, admitted_at, recorded_at, reservation_id, model,"
-    " prompt_tokens, completion_tokens, metadata"
+    " prompt_tokens, completion_tokens, metadata, user_id"
 )
 
 
@@ -96,7 +116,7 @@ class SqliteRecords:
             try:
                 with conn:
                     conn.execute(
-                        f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ({_TEAM_MARKS})",
                         _team_row(team),
                     )
             except sqlite3.IntegrityError as exc:
@@ -129,14 +149,84 @@ class SqliteRecords:
             row = _team_row(team)
             with conn:
                 cur = conn.execute(
-                    "UPDATE teams SET team_alias=?, max_budget_nanos=?, budget_duration=?,"
-                    " tpm_limit=?, rpm_limit=?, models=?, metadata=?, blocked=?"
-                    " WHERE team_id = ?",
-                    (*row[1:9], team.team_id),
+                    f"UPDATE teams SET {_TEAM_UPDATE} WHERE team_id = ?",
+                    (*row[1:9], *row[10:], team.team_id),
                 )
             if cur.rowcount == 0:
                 raise NotFound(f"team {team.team_id!r} not found")
             return team
+
+        return await self._run_conn(op)
+
+    async def create_team_if_absent(self, team: TeamRecord) -> tuple[TeamRecord, bool]:
+        """Insert a team unless its team_id exists (one thread: no race to lose)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[TeamRecord, bool]:
+            with conn:
+                cur = conn.execute(
+                    f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ({_TEAM_MARKS})"
+                    " ON CONFLICT (team_id) DO NOTHING",
+                    _team_row(team),
+                )
+            if cur.rowcount == 1:
+                return team, True
+            row = conn.execute(
+                f"SELECT {_TEAM_COLUMNS} FROM teams WHERE team_id = ?", (team.team_id,)
+            ).fetchone()
+            return _team(row), False
+
+        return await self._run_conn(op)
+
+    async def upsert_member(self, member: MemberRecord) -> MemberRecord:
+        """Insert or replace a membership (keeping its created_at); NotFound without the team."""
+
+        def op(conn: sqlite3.Connection) -> MemberRecord:
+            if not conn.execute(
+                "SELECT 1 FROM teams WHERE team_id = ?", (member.team_id,)
+            ).fetchone():
+                raise NotFound(f"team {member.team_id!r} not found")
+            with conn:
+                row = conn.execute(
+                    f"INSERT INTO team_members ({_MEMBER_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
+                    " ON CONFLICT (team_id, user_id) DO UPDATE SET"
+                    " max_budget_nanos = excluded.max_budget_nanos,"
+                    " budget_duration = excluded.budget_duration,"
+                    " rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit"
+                    f" RETURNING {_MEMBER_COLUMNS}",
+                    _member_row(member),
+                ).fetchone()
+            return _member(row)
+
+        return await self._run_conn(op)
+
+    async def get_member(self, team_id: str, user_id: str) -> MemberRecord | None:
+        def op(conn: sqlite3.Connection) -> MemberRecord | None:
+            row = conn.execute(
+                f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE team_id = ? AND user_id = ?",
+                (team_id, user_id),
+            ).fetchone()
+            return None if row is None else _member(row)
+
+        return await self._run_conn(op)
+
+    async def list_members(self, team_id: str) -> list[MemberRecord]:
+        def op(conn: sqlite3.Connection) -> list[MemberRecord]:
+            rows = conn.execute(
+                f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE team_id = ? ORDER BY user_id",
+                (team_id,),
+            ).fetchall()
+            return [_member(row) for row in rows]
+
+        return await self._run_conn(op)
+
+    async def delete_member(self, team_id: str, user_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            with conn:
+                cur = conn.execute(
+                    "DELETE FROM team_members WHERE team_id = ? AND user_id = ?",
+                    (team_id, user_id),
+                )
+            return cur.rowcount > 0
 
         return await self._run_conn(op)
 
@@ -146,8 +236,7 @@ class SqliteRecords:
                 try:
                     with conn:
                         conn.execute(
-                            f"INSERT INTO api_keys ({_KEY_COLUMNS})"
-                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({_KEY_MARKS})",
                             _key_row(key),
                         )
                 except sqlite3.IntegrityError as exc:
@@ -162,6 +251,22 @@ class SqliteRecords:
 
     async def get_key_by_hash(self, key_hash: str) -> KeyRecord | None:
         return await self._one_key("key_hash", key_hash)
+
+    async def update_key(self, key: KeyRecord) -> KeyRecord:
+        """Replace a key's mutable fields; the stored key (hash, team, revocation kept)."""
+
+        def op(conn: sqlite3.Connection) -> KeyRecord:
+            row = _key_row(key)
+            with conn:
+                stored = conn.execute(
+                    f"UPDATE api_keys SET {_KEY_UPDATE} WHERE key_id = ? RETURNING {_KEY_COLUMNS}",
+                    (*row[4:9], *row[12:], key.key_id),
+                ).fetchone()
+            if stored is None:
+                raise NotFound(f"key {key.key_id!r} not found")
+            return _key(stored)
+
+        return await self._run_conn(op)
 
     async def revoke_key(self, key_id: str, at: float) -> KeyRecord | None:
         def op(conn: sqlite3.Connection) -> None:
@@ -179,7 +284,7 @@ class SqliteRecords:
             with conn:
                 cur = conn.execute(
                     f"INSERT OR IGNORE INTO spend_ledger ({_LEDGER_COLUMNS})"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     _ledger_row(entry),
                 )
             if cur.rowcount == 1:
@@ -202,25 +307,48 @@ class SqliteRecords:
         return await self._run_conn(op)
 
     async def sum_spend(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> int:
-        column = "team_id" if kind is ScopeKind.TEAM else "key_id"
+        """Exact sum of a scope's costs admitted in ``[start, end)``; see RecordStore.
+
+        Served by the (team_id | key_id [, user_id | model], admitted_at) indexes.
+        """
+        column = "key_id" if kind is ScopeKind.KEY else "team_id"  # TEAM and MEMBER: the team
+        sql = (
+            f"SELECT COALESCE(SUM(cost_nanos), 0) FROM spend_ledger WHERE {column} = ?"
+            " AND admitted_at >= ? AND admitted_at < ?"
+        )
+        params: list[Any] = [scope_id, start, float("inf") if end is None else end]
+        for name, value in (("user_id", user_id), ("model", model)):
+            if value:
+                sql += f" AND {name} = ?"
+                params.append(value)
 
         def op(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                f"SELECT COALESCE(SUM(cost_nanos), 0) FROM spend_ledger WHERE {column} = ?"
-                " AND admitted_at >= ? AND admitted_at < ?",
-                (scope_id, start, float("inf") if end is None else end),
-            ).fetchone()
-            return int(row[0])
+            return int(conn.execute(sql, params).fetchone()[0])
 
         return await self._run_conn(op)
 
     async def sum_spend_as_of(
-        self, kind: ScopeKind, scope_id: str, start: float, end: float | None
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        start: float,
+        end: float | None,
+        *,
+        user_id: str = "",
+        model: str = "",
     ) -> SpendSum:
         """:meth:`sum_spend`; no snapshot: one process, whose counters cannot vanish under it."""
-        return SpendSum(await self.sum_spend(kind, scope_id, start, end))
+        total = await self.sum_spend(kind, scope_id, start, end, user_id=user_id, model=model)
+        return SpendSum(total)
 
     # -- listings and reports (issue 6) ------------------------------------------------------
 
@@ -340,6 +468,12 @@ def _team_row(team: TeamRecord) -> tuple[Any, ...]:
         json.dumps(team.metadata),
         int(team.blocked),
         team.created_at,
+        team.soft_budget_nanos,
+        team.member_budget_nanos,
+        team.member_budget_duration,
+        team.member_rpm_limit,
+        team.member_tpm_limit,
+        json.dumps(encode_model_budgets(team.model_max_budget)),
     )
 
 
@@ -355,6 +489,12 @@ def _team(row: tuple[Any, ...]) -> TeamRecord:
         metadata=json.loads(row[7]),
         blocked=bool(row[8]),
         created_at=row[9],
+        soft_budget_nanos=row[10],
+        member_budget_nanos=row[11],
+        member_budget_duration=row[12],
+        member_rpm_limit=row[13],
+        member_tpm_limit=row[14],
+        model_max_budget=decode_model_budgets(json.loads(row[15])),
     )
 
 
@@ -372,6 +512,11 @@ def _key_row(key: KeyRecord) -> tuple[Any, ...]:
         key.user_id,
         key.revoked_at,
         key.created_at,
+        int(key.blocked),
+        key.soft_budget_nanos,
+        key.rpm_limit,
+        key.tpm_limit,
+        json.dumps(encode_model_budgets(key.model_max_budget)),
     )
 
 
@@ -389,6 +534,35 @@ def _key(row: tuple[Any, ...]) -> KeyRecord:
         user_id=row[9],
         revoked_at=row[10],
         created_at=row[11],
+        blocked=bool(row[12]),
+        soft_budget_nanos=row[13],
+        rpm_limit=row[14],
+        tpm_limit=row[15],
+        model_max_budget=decode_model_budgets(json.loads(row[16])),
+    )
+
+
+def _member_row(member: MemberRecord) -> tuple[Any, ...]:
+    return (
+        member.team_id,
+        member.user_id,
+        member.max_budget_nanos,
+        member.budget_duration,  # None: the team's member_budget_duration
+        member.rpm_limit,
+        member.tpm_limit,
+        member.created_at,
+    )
+
+
+def _member(row: tuple[Any, ...]) -> MemberRecord:
+    return MemberRecord(
+        team_id=row[0],
+        user_id=row[1],
+        max_budget_nanos=row[2],
+        budget_duration=row[3],
+        rpm_limit=row[4],
+        tpm_limit=row[5],
+        created_at=row[6],
     )
 
 
@@ -405,6 +579,7 @@ def _ledger_row(entry: LedgerEntry) -> tuple[Any, ...]:
         entry.prompt_tokens,
         entry.completion_tokens,
         json.dumps(entry.metadata),
+        entry.user_id,
     )
 
 
@@ -421,4 +596,5 @@ def _ledger(row: tuple[Any, ...]) -> LedgerEntry:
         prompt_tokens=row[8],
         completion_tokens=row[9],
         metadata=json.loads(row[10]),
+        user_id=row[11],
     )

@@ -6,7 +6,7 @@ data) and an injected monotonic clock for the probe interval.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,7 +17,17 @@ from proxy import FaultProxy
 from replicas import redis_counters
 from server.errors import Unavailable
 from server.rules import Enforcement
-from server.storage.base import CounterState, ReserveStatus, ScopeBudget, ScopeKind
+from server.storage.base import (
+    CounterState,
+    RateCharge,
+    RateLimit,
+    RateState,
+    RateUnit,
+    ReserveResult,
+    ReserveStatus,
+    ScopeBudget,
+    ScopeKind,
+)
 from server.storage.failover_counters import FailoverCounters
 from server.storage.postgres import PostgresRecords
 from server.storage.postgres_counters import PostgresCounters
@@ -102,6 +112,40 @@ async def test_decides_on_postgres_while_redis_is_down_and_counts_the_switch(
     assert on_postgres.status is ReserveStatus.RESERVED
     assert refused.status is ReserveStatus.DENIED
     assert await f.store.read("a", [scope("a")], NOW) == (CounterState(0, 990),)
+
+
+async def test_rate_limits_pass_through_to_redis_then_to_postgres(failover: Failover) -> None:
+    f = failover
+    limit = RateLimit(ScopeKind.KEY, "k", RateUnit.REQUESTS, 1)
+    tokens = RateLimit(ScopeKind.KEY, "k", RateUnit.TOKENS, 100)
+    charges = [RateCharge(limit, 1), RateCharge(tokens, 60)]
+    await f.store.init("a", [(scope("a"), 0)], NOW)
+
+    def reserve(rid: str) -> Awaitable[ReserveResult]:
+        return f.store.reserve("a", [scope("a")], 1, rid, LATER, NOW, NEVER, rates=charges)
+
+    assert (await reserve("r1")).status is ReserveStatus.RESERVED
+    assert (await reserve("r2")).status is ReserveStatus.RATE_LIMITED
+    await f.store.settle("a", "r1", [scope("a")], 1, "q1", NOW, 60, rates=[RateCharge(tokens, -60)])
+    on_redis = await f.redis.reserve(
+        "a", [scope("a")], 0, "", LATER, NOW, NEVER, rates=[RateCharge(tokens, 0)]
+    )
+    assert on_redis.rates == (RateState(100, 100, 0.0),)  # corrected back down to empty
+
+    outage(f)
+    # Postgres keeps this replica's own limiters: they start empty on this side.
+    on_postgres = await reserve("r3")
+    assert f.store.failed_over
+    assert (on_postgres.status, on_postgres.rates) == (
+        ReserveStatus.RESERVED,
+        (RateState(1, 0, 60.0), RateState(100, 40, 36.0)),
+    )
+    refused = await reserve("r4")
+    assert (refused.status, refused.rate_index, refused.retry_after) == (
+        ReserveStatus.RATE_LIMITED,
+        0,
+        60.0,
+    )
 
 
 async def test_probes_redis_at_most_once_a_second(failover: Failover) -> None:

@@ -41,8 +41,7 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     MODEL_NOT_ALLOWED: _Reason.ValueType  # 7
     JWT_INVALID: _Reason.ValueType  # 8
 
-class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper):
-    """Why a request was denied."""
+class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
 
 REASON_UNSPECIFIED: Reason.ValueType  # 0
 BUDGET_EXCEEDED: Reason.ValueType  # 1
@@ -98,6 +97,33 @@ SPEND_GROUP_MODEL: SpendGroup.ValueType  # 3
 SPEND_GROUP_DAY: SpendGroup.ValueType  # 4
 """The calendar day (in budgetd.timezone) on which the request was admitted."""
 Global___SpendGroup: _TypeAlias = SpendGroup  # noqa: Y015
+
+@_typing.final
+class ModelBudget(_message.Message):
+    """Why a request was denied.
+    A per-model budget inside a team or key (LiteLLM's model_max_budget entry).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_LIMIT_FIELD_NUMBER: _builtins.int
+    TIME_PERIOD_FIELD_NUMBER: _builtins.int
+    budget_limit: _builtins.float
+    time_period: _builtins.str
+    """a budget_duration; "" = never resets"""
+    def __init__(
+        self,
+        *,
+        budget_limit: _builtins.float = ...,
+        time_period: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_limit", b"budget_limit", "time_period", b"time_period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelBudget: _TypeAlias = ModelBudget  # noqa: Y015
 
 @_typing.final
 class CheckBudgetRequest(_message.Message):
@@ -177,6 +203,12 @@ class CheckBudgetResponse(_message.Message):
     SCOPE_FIELD_NUMBER: _builtins.int
     KEY_ALIAS_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_EXCEEDED_FIELD_NUMBER: _builtins.int
+    RATELIMIT_LIMIT_FIELD_NUMBER: _builtins.int
+    RATELIMIT_REMAINING_FIELD_NUMBER: _builtins.int
+    RATELIMIT_RESET_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___Reason.ValueType
     message: _builtins.str
@@ -197,6 +229,18 @@ class CheckBudgetResponse(_message.Message):
     key_alias: _builtins.str
     reserved: _builtins.float
     """The amount held for this request in USD."""
+    user_id: _builtins.str
+    """The team member the request was charged to ("" = none)."""
+    soft_budget_exceeded: _builtins.bool
+    """Allowed, but spend in the key's or team's window has reached its soft_budget."""
+    ratelimit_limit: _builtins.int
+    """The tightest rate limit of the request after this decision (unset: none applies):
+    its per-minute limit, what is left of it, and seconds until it is fully back.
+    """
+    ratelimit_remaining: _builtins.int
+    ratelimit_reset: _builtins.float
+    model: _builtins.str
+    """For a per-model budget (model_max_budget): the model the scope is about."""
     @_builtins.property
     def budget_reset_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -216,19 +260,37 @@ class CheckBudgetResponse(_message.Message):
         scope: Global___Scope.ValueType = ...,
         key_alias: _builtins.str = ...,
         reserved: _builtins.float = ...,
+        user_id: _builtins.str = ...,
+        soft_budget_exceeded: _builtins.bool = ...,
+        ratelimit_limit: _builtins.int | None = ...,
+        ratelimit_remaining: _builtins.int | None = ...,
+        ratelimit_reset: _builtins.float | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_remaining", b"_remaining", "_retry_after", b"_retry_after", "budget_reset_at", b"budget_reset_at", "max_budget", b"max_budget", "remaining", b"remaining", "retry_after", b"retry_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_ratelimit_limit", b"_ratelimit_limit", "_ratelimit_remaining", b"_ratelimit_remaining", "_ratelimit_reset", b"_ratelimit_reset", "_remaining", b"_remaining", "_retry_after", b"_retry_after", "budget_reset_at", b"budget_reset_at", "max_budget", b"max_budget", "ratelimit_limit", b"ratelimit_limit", "ratelimit_remaining", b"ratelimit_remaining", "ratelimit_reset", b"ratelimit_reset", "remaining", b"remaining", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_remaining", b"_remaining", "_retry_after", b"_retry_after", "allowed", b"allowed", "budget_reset_at", b"budget_reset_at", "key_alias", b"key_alias", "key_id", b"key_id", "max_budget", b"max_budget", "message", b"message", "reason", b"reason", "remaining", b"remaining", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "scope", b"scope", "spend", b"spend", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_ratelimit_limit", b"_ratelimit_limit", "_ratelimit_remaining", b"_ratelimit_remaining", "_ratelimit_reset", b"_ratelimit_reset", "_remaining", b"_remaining", "_retry_after", b"_retry_after", "allowed", b"allowed", "budget_reset_at", b"budget_reset_at", "key_alias", b"key_alias", "key_id", b"key_id", "max_budget", b"max_budget", "message", b"message", "model", b"model", "ratelimit_limit", b"ratelimit_limit", "ratelimit_remaining", b"ratelimit_remaining", "ratelimit_reset", b"ratelimit_reset", "reason", b"reason", "remaining", b"remaining", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "scope", b"scope", "soft_budget_exceeded", b"soft_budget_exceeded", "spend", b"spend", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__ratelimit_limit: _TypeAlias = _typing.Literal["ratelimit_limit"]  # noqa: Y015
+    _WhichOneofArgType__ratelimit_limit: _TypeAlias = _typing.Literal["_ratelimit_limit", b"_ratelimit_limit"]  # noqa: Y015
+    _WhichOneofReturnType__ratelimit_remaining: _TypeAlias = _typing.Literal["ratelimit_remaining"]  # noqa: Y015
+    _WhichOneofArgType__ratelimit_remaining: _TypeAlias = _typing.Literal["_ratelimit_remaining", b"_ratelimit_remaining"]  # noqa: Y015
+    _WhichOneofReturnType__ratelimit_reset: _TypeAlias = _typing.Literal["ratelimit_reset"]  # noqa: Y015
+    _WhichOneofArgType__ratelimit_reset: _TypeAlias = _typing.Literal["_ratelimit_reset", b"_ratelimit_reset"]  # noqa: Y015
     _WhichOneofReturnType__remaining: _TypeAlias = _typing.Literal["remaining"]  # noqa: Y015
     _WhichOneofArgType__remaining: _TypeAlias = _typing.Literal["_remaining", b"_remaining"]  # noqa: Y015
     _WhichOneofReturnType__retry_after: _TypeAlias = _typing.Literal["retry_after"]  # noqa: Y015
     _WhichOneofArgType__retry_after: _TypeAlias = _typing.Literal["_retry_after", b"_retry_after"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ratelimit_limit) -> _WhichOneofReturnType__ratelimit_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ratelimit_remaining) -> _WhichOneofReturnType__ratelimit_remaining | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ratelimit_reset) -> _WhichOneofReturnType__ratelimit_reset | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining) -> _WhichOneofReturnType__remaining | None: ...
     @_typing.overload
@@ -320,6 +382,27 @@ Global___RecordSpendResponse: _TypeAlias = RecordSpendResponse  # noqa: Y015
 class Team(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ModelMaxBudgetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelBudget: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelBudget | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEAM_ID_FIELD_NUMBER: _builtins.int
     TEAM_ALIAS_FIELD_NUMBER: _builtins.int
     MAX_BUDGET_FIELD_NUMBER: _builtins.int
@@ -332,6 +415,12 @@ class Team(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     BLOCKED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_BUDGET_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
     team_id: _builtins.str
     team_alias: _builtins.str
     max_budget: _builtins.float
@@ -341,6 +430,11 @@ class Team(_message.Message):
     tpm_limit: _builtins.int
     rpm_limit: _builtins.int
     blocked: _builtins.bool
+    soft_budget: _builtins.float
+    team_member_budget: _builtins.float
+    team_member_budget_duration: _builtins.str
+    team_member_rpm_limit: _builtins.int
+    team_member_tpm_limit: _builtins.int
     @_builtins.property
     def budget_reset_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -349,6 +443,8 @@ class Team(_message.Message):
     def metadata(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def model_max_budget(self) -> _containers.MessageMap[_builtins.str, Global___ModelBudget]: ...
     def __init__(
         self,
         *,
@@ -364,21 +460,43 @@ class Team(_message.Message):
         metadata: _struct_pb2.Struct | None = ...,
         blocked: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        soft_budget: _builtins.float | None = ...,
+        team_member_budget: _builtins.float | None = ...,
+        team_member_budget_duration: _builtins.str = ...,
+        team_member_rpm_limit: _builtins.int | None = ...,
+        team_member_tpm_limit: _builtins.int | None = ...,
+        model_max_budget: _abc.Mapping[_builtins.str, Global___ModelBudget] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "max_budget", b"max_budget", "metadata", b"metadata", "rpm_limit", b"rpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_team_member_budget", b"_team_member_budget", "_team_member_rpm_limit", b"_team_member_rpm_limit", "_team_member_tpm_limit", b"_team_member_tpm_limit", "_tpm_limit", b"_tpm_limit", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "max_budget", b"max_budget", "metadata", b"metadata", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_member_budget", b"team_member_budget", "team_member_rpm_limit", b"team_member_rpm_limit", "team_member_tpm_limit", b"team_member_tpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "max_budget", b"max_budget", "metadata", b"metadata", "models", b"models", "rpm_limit", b"rpm_limit", "spend", b"spend", "team_alias", b"team_alias", "team_id", b"team_id", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_team_member_budget", b"_team_member_budget", "_team_member_rpm_limit", b"_team_member_rpm_limit", "_team_member_tpm_limit", b"_team_member_tpm_limit", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "max_budget", b"max_budget", "metadata", b"metadata", "model_max_budget", b"model_max_budget", "models", b"models", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "spend", b"spend", "team_alias", b"team_alias", "team_id", b"team_id", "team_member_budget", b"team_member_budget", "team_member_budget_duration", b"team_member_budget_duration", "team_member_rpm_limit", b"team_member_rpm_limit", "team_member_tpm_limit", b"team_member_tpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
     _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
     _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__soft_budget: _TypeAlias = _typing.Literal["soft_budget"]  # noqa: Y015
+    _WhichOneofArgType__soft_budget: _TypeAlias = _typing.Literal["_soft_budget", b"_soft_budget"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_budget: _TypeAlias = _typing.Literal["team_member_budget"]  # noqa: Y015
+    _WhichOneofArgType__team_member_budget: _TypeAlias = _typing.Literal["_team_member_budget", b"_team_member_budget"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_rpm_limit: _TypeAlias = _typing.Literal["team_member_rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__team_member_rpm_limit: _TypeAlias = _typing.Literal["_team_member_rpm_limit", b"_team_member_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_tpm_limit: _TypeAlias = _typing.Literal["team_member_tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__team_member_tpm_limit: _TypeAlias = _typing.Literal["_team_member_tpm_limit", b"_team_member_tpm_limit"]  # noqa: Y015
     _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
     _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_budget) -> _WhichOneofReturnType__soft_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_budget) -> _WhichOneofReturnType__team_member_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_rpm_limit) -> _WhichOneofReturnType__team_member_rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_tpm_limit) -> _WhichOneofReturnType__team_member_tpm_limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
 
@@ -388,6 +506,27 @@ Global___Team: _TypeAlias = Team  # noqa: Y015
 class CreateTeamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ModelMaxBudgetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelBudget: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelBudget | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEAM_ALIAS_FIELD_NUMBER: _builtins.int
     MAX_BUDGET_FIELD_NUMBER: _builtins.int
     BUDGET_DURATION_FIELD_NUMBER: _builtins.int
@@ -396,6 +535,13 @@ class CreateTeamRequest(_message.Message):
     RPM_LIMIT_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_BUDGET_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     team_alias: _builtins.str
     max_budget: _builtins.float
     budget_duration: _builtins.str
@@ -403,10 +549,18 @@ class CreateTeamRequest(_message.Message):
     """Chosen by the caller, or a new UUID when empty."""
     tpm_limit: _builtins.int
     rpm_limit: _builtins.int
+    soft_budget: _builtins.float
+    team_member_budget: _builtins.float
+    team_member_budget_duration: _builtins.str
+    team_member_rpm_limit: _builtins.int
+    team_member_tpm_limit: _builtins.int
+    blocked: _builtins.bool
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def model_max_budget(self) -> _containers.MessageMap[_builtins.str, Global___ModelBudget]: ...
     def __init__(
         self,
         *,
@@ -418,21 +572,44 @@ class CreateTeamRequest(_message.Message):
         rpm_limit: _builtins.int | None = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         metadata: _struct_pb2.Struct | None = ...,
+        soft_budget: _builtins.float | None = ...,
+        team_member_budget: _builtins.float | None = ...,
+        team_member_budget_duration: _builtins.str = ...,
+        team_member_rpm_limit: _builtins.int | None = ...,
+        team_member_tpm_limit: _builtins.int | None = ...,
+        model_max_budget: _abc.Mapping[_builtins.str, Global___ModelBudget] | None = ...,
+        blocked: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "max_budget", b"max_budget", "metadata", b"metadata", "rpm_limit", b"rpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_team_member_budget", b"_team_member_budget", "_team_member_rpm_limit", b"_team_member_rpm_limit", "_team_member_tpm_limit", b"_team_member_tpm_limit", "_tpm_limit", b"_tpm_limit", "max_budget", b"max_budget", "metadata", b"metadata", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_member_budget", b"team_member_budget", "team_member_rpm_limit", b"team_member_rpm_limit", "team_member_tpm_limit", b"team_member_tpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "max_budget", b"max_budget", "metadata", b"metadata", "models", b"models", "rpm_limit", b"rpm_limit", "team_alias", b"team_alias", "team_id", b"team_id", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_team_member_budget", b"_team_member_budget", "_team_member_rpm_limit", b"_team_member_rpm_limit", "_team_member_tpm_limit", b"_team_member_tpm_limit", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "max_budget", b"max_budget", "metadata", b"metadata", "model_max_budget", b"model_max_budget", "models", b"models", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_alias", b"team_alias", "team_id", b"team_id", "team_member_budget", b"team_member_budget", "team_member_budget_duration", b"team_member_budget_duration", "team_member_rpm_limit", b"team_member_rpm_limit", "team_member_tpm_limit", b"team_member_tpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
     _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
     _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__soft_budget: _TypeAlias = _typing.Literal["soft_budget"]  # noqa: Y015
+    _WhichOneofArgType__soft_budget: _TypeAlias = _typing.Literal["_soft_budget", b"_soft_budget"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_budget: _TypeAlias = _typing.Literal["team_member_budget"]  # noqa: Y015
+    _WhichOneofArgType__team_member_budget: _TypeAlias = _typing.Literal["_team_member_budget", b"_team_member_budget"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_rpm_limit: _TypeAlias = _typing.Literal["team_member_rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__team_member_rpm_limit: _TypeAlias = _typing.Literal["_team_member_rpm_limit", b"_team_member_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_tpm_limit: _TypeAlias = _typing.Literal["team_member_tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__team_member_tpm_limit: _TypeAlias = _typing.Literal["_team_member_tpm_limit", b"_team_member_tpm_limit"]  # noqa: Y015
     _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
     _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_budget) -> _WhichOneofReturnType__soft_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_budget) -> _WhichOneofReturnType__team_member_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_rpm_limit) -> _WhichOneofReturnType__team_member_rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_tpm_limit) -> _WhichOneofReturnType__team_member_tpm_limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
 
@@ -506,6 +683,27 @@ Global___ListTeamsResponse: _TypeAlias = ListTeamsResponse  # noqa: Y015
 class UpdateTeamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ModelMaxBudgetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelBudget: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelBudget | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEAM_ID_FIELD_NUMBER: _builtins.int
     TEAM_ALIAS_FIELD_NUMBER: _builtins.int
     MAX_BUDGET_FIELD_NUMBER: _builtins.int
@@ -516,6 +714,18 @@ class UpdateTeamRequest(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     UPDATE_MODELS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_BUDGET_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TEAM_MEMBER_TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    UPDATE_MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    CLEAR_SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    CLEAR_TEAM_MEMBER_BUDGET_FIELD_NUMBER: _builtins.int
+    CLEAR_TEAM_MEMBER_RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    CLEAR_TEAM_MEMBER_TPM_LIMIT_FIELD_NUMBER: _builtins.int
     team_id: _builtins.str
     team_alias: _builtins.str
     max_budget: _builtins.float
@@ -526,12 +736,26 @@ class UpdateTeamRequest(_message.Message):
     tpm_limit: _builtins.int
     rpm_limit: _builtins.int
     update_models: _builtins.bool
+    soft_budget: _builtins.float
+    team_member_budget: _builtins.float
+    team_member_budget_duration: _builtins.str
+    team_member_rpm_limit: _builtins.int
+    team_member_tpm_limit: _builtins.int
+    update_model_max_budget: _builtins.bool
+    blocked: _builtins.bool
+    clear_soft_budget: _builtins.bool
+    """Remove a setting (no soft budget, no member default)."""
+    clear_team_member_budget: _builtins.bool
+    clear_team_member_rpm_limit: _builtins.bool
+    clear_team_member_tpm_limit: _builtins.bool
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the allow-list when update_models is set."""
 
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def model_max_budget(self) -> _containers.MessageMap[_builtins.str, Global___ModelBudget]: ...
     def __init__(
         self,
         *,
@@ -545,21 +769,47 @@ class UpdateTeamRequest(_message.Message):
         models: _abc.Iterable[_builtins.str] | None = ...,
         update_models: _builtins.bool = ...,
         metadata: _struct_pb2.Struct | None = ...,
+        soft_budget: _builtins.float | None = ...,
+        team_member_budget: _builtins.float | None = ...,
+        team_member_budget_duration: _builtins.str | None = ...,
+        team_member_rpm_limit: _builtins.int | None = ...,
+        team_member_tpm_limit: _builtins.int | None = ...,
+        model_max_budget: _abc.Mapping[_builtins.str, Global___ModelBudget] | None = ...,
+        update_model_max_budget: _builtins.bool = ...,
+        blocked: _builtins.bool | None = ...,
+        clear_soft_budget: _builtins.bool = ...,
+        clear_team_member_budget: _builtins.bool = ...,
+        clear_team_member_rpm_limit: _builtins.bool = ...,
+        clear_team_member_tpm_limit: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_team_alias", b"_team_alias", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "max_budget", b"max_budget", "metadata", b"metadata", "rpm_limit", b"rpm_limit", "team_alias", b"team_alias", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blocked", b"_blocked", "_budget_duration", b"_budget_duration", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_team_alias", b"_team_alias", "_team_member_budget", b"_team_member_budget", "_team_member_budget_duration", b"_team_member_budget_duration", "_team_member_rpm_limit", b"_team_member_rpm_limit", "_team_member_tpm_limit", b"_team_member_tpm_limit", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "max_budget", b"max_budget", "metadata", b"metadata", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_alias", b"team_alias", "team_member_budget", b"team_member_budget", "team_member_budget_duration", b"team_member_budget_duration", "team_member_rpm_limit", b"team_member_rpm_limit", "team_member_tpm_limit", b"team_member_tpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_team_alias", b"_team_alias", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "clear_max_budget", b"clear_max_budget", "max_budget", b"max_budget", "metadata", b"metadata", "models", b"models", "rpm_limit", b"rpm_limit", "team_alias", b"team_alias", "team_id", b"team_id", "tpm_limit", b"tpm_limit", "update_models", b"update_models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocked", b"_blocked", "_budget_duration", b"_budget_duration", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_team_alias", b"_team_alias", "_team_member_budget", b"_team_member_budget", "_team_member_budget_duration", b"_team_member_budget_duration", "_team_member_rpm_limit", b"_team_member_rpm_limit", "_team_member_tpm_limit", b"_team_member_tpm_limit", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "clear_max_budget", b"clear_max_budget", "clear_soft_budget", b"clear_soft_budget", "clear_team_member_budget", b"clear_team_member_budget", "clear_team_member_rpm_limit", b"clear_team_member_rpm_limit", "clear_team_member_tpm_limit", b"clear_team_member_tpm_limit", "max_budget", b"max_budget", "metadata", b"metadata", "model_max_budget", b"model_max_budget", "models", b"models", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_alias", b"team_alias", "team_id", b"team_id", "team_member_budget", b"team_member_budget", "team_member_budget_duration", b"team_member_budget_duration", "team_member_rpm_limit", b"team_member_rpm_limit", "team_member_tpm_limit", b"team_member_tpm_limit", "tpm_limit", b"tpm_limit", "update_model_max_budget", b"update_model_max_budget", "update_models", b"update_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__blocked: _TypeAlias = _typing.Literal["blocked"]  # noqa: Y015
+    _WhichOneofArgType__blocked: _TypeAlias = _typing.Literal["_blocked", b"_blocked"]  # noqa: Y015
     _WhichOneofReturnType__budget_duration: _TypeAlias = _typing.Literal["budget_duration"]  # noqa: Y015
     _WhichOneofArgType__budget_duration: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration"]  # noqa: Y015
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
     _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
     _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__soft_budget: _TypeAlias = _typing.Literal["soft_budget"]  # noqa: Y015
+    _WhichOneofArgType__soft_budget: _TypeAlias = _typing.Literal["_soft_budget", b"_soft_budget"]  # noqa: Y015
     _WhichOneofReturnType__team_alias: _TypeAlias = _typing.Literal["team_alias"]  # noqa: Y015
     _WhichOneofArgType__team_alias: _TypeAlias = _typing.Literal["_team_alias", b"_team_alias"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_budget: _TypeAlias = _typing.Literal["team_member_budget"]  # noqa: Y015
+    _WhichOneofArgType__team_member_budget: _TypeAlias = _typing.Literal["_team_member_budget", b"_team_member_budget"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_budget_duration: _TypeAlias = _typing.Literal["team_member_budget_duration"]  # noqa: Y015
+    _WhichOneofArgType__team_member_budget_duration: _TypeAlias = _typing.Literal["_team_member_budget_duration", b"_team_member_budget_duration"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_rpm_limit: _TypeAlias = _typing.Literal["team_member_rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__team_member_rpm_limit: _TypeAlias = _typing.Literal["_team_member_rpm_limit", b"_team_member_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__team_member_tpm_limit: _TypeAlias = _typing.Literal["team_member_tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__team_member_tpm_limit: _TypeAlias = _typing.Literal["_team_member_tpm_limit", b"_team_member_tpm_limit"]  # noqa: Y015
     _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
     _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__blocked) -> _WhichOneofReturnType__blocked | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_duration) -> _WhichOneofReturnType__budget_duration | None: ...
     @_typing.overload
@@ -567,7 +817,17 @@ class UpdateTeamRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_budget) -> _WhichOneofReturnType__soft_budget | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__team_alias) -> _WhichOneofReturnType__team_alias | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_budget) -> _WhichOneofReturnType__team_member_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_budget_duration) -> _WhichOneofReturnType__team_member_budget_duration | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_rpm_limit) -> _WhichOneofReturnType__team_member_rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__team_member_tpm_limit) -> _WhichOneofReturnType__team_member_tpm_limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
 
@@ -576,6 +836,27 @@ Global___UpdateTeamRequest: _TypeAlias = UpdateTeamRequest  # noqa: Y015
 @_typing.final
 class Key(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ModelMaxBudgetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelBudget: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelBudget | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     TEAM_ID_FIELD_NUMBER: _builtins.int
@@ -590,6 +871,11 @@ class Key(_message.Message):
     REVOKED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     KEY_PREFIX_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     team_id: _builtins.str
     key_alias: _builtins.str
@@ -600,6 +886,10 @@ class Key(_message.Message):
     revoked: _builtins.bool
     key_prefix: _builtins.str
     """A non-secret prefix of the key, for recognising it ("sk-abcd…")."""
+    blocked: _builtins.bool
+    soft_budget: _builtins.float
+    rpm_limit: _builtins.int
+    tpm_limit: _builtins.int
     @_builtins.property
     def budget_reset_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -608,6 +898,8 @@ class Key(_message.Message):
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def model_max_budget(self) -> _containers.MessageMap[_builtins.str, Global___ModelBudget]: ...
     def __init__(
         self,
         *,
@@ -624,20 +916,59 @@ class Key(_message.Message):
         revoked: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         key_prefix: _builtins.str = ...,
+        blocked: _builtins.bool = ...,
+        soft_budget: _builtins.float | None = ...,
+        rpm_limit: _builtins.int | None = ...,
+        tpm_limit: _builtins.int | None = ...,
+        model_max_budget: _abc.Mapping[_builtins.str, Global___ModelBudget] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "expires", b"expires", "max_budget", b"max_budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_tpm_limit", b"_tpm_limit", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "expires", b"expires", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "expires", b"expires", "key_alias", b"key_alias", "key_id", b"key_id", "key_prefix", b"key_prefix", "max_budget", b"max_budget", "models", b"models", "revoked", b"revoked", "spend", b"spend", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "expires", b"expires", "key_alias", b"key_alias", "key_id", b"key_id", "key_prefix", b"key_prefix", "max_budget", b"max_budget", "model_max_budget", b"model_max_budget", "models", b"models", "revoked", b"revoked", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "spend", b"spend", "team_id", b"team_id", "tpm_limit", b"tpm_limit", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__soft_budget: _TypeAlias = _typing.Literal["soft_budget"]  # noqa: Y015
+    _WhichOneofArgType__soft_budget: _TypeAlias = _typing.Literal["_soft_budget", b"_soft_budget"]  # noqa: Y015
+    _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_budget) -> _WhichOneofReturnType__soft_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
 
 Global___Key: _TypeAlias = Key  # noqa: Y015
 
 @_typing.final
 class IssueKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ModelMaxBudgetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelBudget: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelBudget | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     TEAM_ID_FIELD_NUMBER: _builtins.int
     KEY_ALIAS_FIELD_NUMBER: _builtins.int
@@ -646,15 +977,29 @@ class IssueKeyRequest(_message.Message):
     EXPIRES_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     team_id: _builtins.str
     key_alias: _builtins.str
     max_budget: _builtins.float
     budget_duration: _builtins.str
     user_id: _builtins.str
+    duration: _builtins.str
+    """Key lifetime relative to now ("30d", "1h", ...); an alternative to expires."""
+    soft_budget: _builtins.float
+    rpm_limit: _builtins.int
+    tpm_limit: _builtins.int
+    blocked: _builtins.bool
     @_builtins.property
     def expires(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def model_max_budget(self) -> _containers.MessageMap[_builtins.str, Global___ModelBudget]: ...
     def __init__(
         self,
         *,
@@ -665,20 +1010,60 @@ class IssueKeyRequest(_message.Message):
         expires: _timestamp_pb2.Timestamp | None = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         user_id: _builtins.str = ...,
+        duration: _builtins.str = ...,
+        soft_budget: _builtins.float | None = ...,
+        rpm_limit: _builtins.int | None = ...,
+        tpm_limit: _builtins.int | None = ...,
+        model_max_budget: _abc.Mapping[_builtins.str, Global___ModelBudget] | None = ...,
+        blocked: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "expires", b"expires", "max_budget", b"max_budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_tpm_limit", b"_tpm_limit", "expires", b"expires", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "budget_duration", b"budget_duration", "expires", b"expires", "key_alias", b"key_alias", "max_budget", b"max_budget", "models", b"models", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "duration", b"duration", "expires", b"expires", "key_alias", b"key_alias", "max_budget", b"max_budget", "model_max_budget", b"model_max_budget", "models", b"models", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_id", b"team_id", "tpm_limit", b"tpm_limit", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__soft_budget: _TypeAlias = _typing.Literal["soft_budget"]  # noqa: Y015
+    _WhichOneofArgType__soft_budget: _TypeAlias = _typing.Literal["_soft_budget", b"_soft_budget"]  # noqa: Y015
+    _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_budget) -> _WhichOneofReturnType__soft_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
 
 Global___IssueKeyRequest: _TypeAlias = IssueKeyRequest  # noqa: Y015
 
 @_typing.final
 class IssueKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ModelMaxBudgetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelBudget: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelBudget | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     KEY_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
@@ -690,6 +1075,11 @@ class IssueKeyResponse(_message.Message):
     EXPIRES_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    SOFT_BUDGET_FIELD_NUMBER: _builtins.int
+    RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    MODEL_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The plaintext key; shown once, stored only as its SHA-256."""
     key_id: _builtins.str
@@ -698,12 +1088,18 @@ class IssueKeyResponse(_message.Message):
     max_budget: _builtins.float
     budget_duration: _builtins.str
     user_id: _builtins.str
+    soft_budget: _builtins.float
+    rpm_limit: _builtins.int
+    tpm_limit: _builtins.int
+    blocked: _builtins.bool
     @_builtins.property
     def budget_reset_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def expires(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def model_max_budget(self) -> _containers.MessageMap[_builtins.str, Global___ModelBudget]: ...
     def __init__(
         self,
         *,
@@ -717,14 +1113,32 @@ class IssueKeyResponse(_message.Message):
         expires: _timestamp_pb2.Timestamp | None = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         user_id: _builtins.str = ...,
+        soft_budget: _builtins.float | None = ...,
+        rpm_limit: _builtins.int | None = ...,
+        tpm_limit: _builtins.int | None = ...,
+        model_max_budget: _abc.Mapping[_builtins.str, Global___ModelBudget] | None = ...,
+        blocked: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "budget_reset_at", b"budget_reset_at", "expires", b"expires", "max_budget", b"max_budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_tpm_limit", b"_tpm_limit", "budget_reset_at", b"budget_reset_at", "expires", b"expires", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "tpm_limit", b"tpm_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "expires", b"expires", "key", b"key", "key_alias", b"key_alias", "key_id", b"key_id", "max_budget", b"max_budget", "models", b"models", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_soft_budget", b"_soft_budget", "_tpm_limit", b"_tpm_limit", "blocked", b"blocked", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "expires", b"expires", "key", b"key", "key_alias", b"key_alias", "key_id", b"key_id", "max_budget", b"max_budget", "model_max_budget", b"model_max_budget", "models", b"models", "rpm_limit", b"rpm_limit", "soft_budget", b"soft_budget", "team_id", b"team_id", "tpm_limit", b"tpm_limit", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
     _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__soft_budget: _TypeAlias = _typing.Literal["soft_budget"]  # noqa: Y015
+    _WhichOneofArgType__soft_budget: _TypeAlias = _typing.Literal["_soft_budget", b"_soft_budget"]  # noqa: Y015
+    _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_budget) -> _WhichOneofReturnType__soft_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
 
 Global___IssueKeyResponse: _TypeAlias = IssueKeyResponse  # noqa: Y015
 
@@ -970,3 +1384,212 @@ class GetSpendResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSpendResponse: _TypeAlias = GetSpendResponse  # noqa: Y015
+
+@_typing.final
+class TeamMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
+    BUDGET_RESET_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    team_id: _builtins.str
+    user_id: _builtins.str
+    max_budget: _builtins.float
+    """The member's own settings; unset = the team's team_member_* default."""
+    budget_duration: _builtins.str
+    rpm_limit: _builtins.int
+    tpm_limit: _builtins.int
+    effective_max_budget: _builtins.float
+    """What applies (own setting or the team's default), and the spend in its window."""
+    effective_budget_duration: _builtins.str
+    effective_rpm_limit: _builtins.int
+    effective_tpm_limit: _builtins.int
+    spend: _builtins.float
+    @_builtins.property
+    def budget_reset_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        team_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        max_budget: _builtins.float | None = ...,
+        budget_duration: _builtins.str | None = ...,
+        rpm_limit: _builtins.int | None = ...,
+        tpm_limit: _builtins.int | None = ...,
+        effective_max_budget: _builtins.float | None = ...,
+        effective_budget_duration: _builtins.str = ...,
+        effective_rpm_limit: _builtins.int | None = ...,
+        effective_tpm_limit: _builtins.int | None = ...,
+        spend: _builtins.float = ...,
+        budget_reset_at: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration", "_effective_max_budget", b"_effective_max_budget", "_effective_rpm_limit", b"_effective_rpm_limit", "_effective_tpm_limit", b"_effective_tpm_limit", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "effective_max_budget", b"effective_max_budget", "effective_rpm_limit", b"effective_rpm_limit", "effective_tpm_limit", b"effective_tpm_limit", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration", "_effective_max_budget", b"_effective_max_budget", "_effective_rpm_limit", b"_effective_rpm_limit", "_effective_tpm_limit", b"_effective_tpm_limit", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "budget_reset_at", b"budget_reset_at", "created_at", b"created_at", "effective_budget_duration", b"effective_budget_duration", "effective_max_budget", b"effective_max_budget", "effective_rpm_limit", b"effective_rpm_limit", "effective_tpm_limit", b"effective_tpm_limit", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "spend", b"spend", "team_id", b"team_id", "tpm_limit", b"tpm_limit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_duration: _TypeAlias = _typing.Literal["budget_duration"]  # noqa: Y015
+    _WhichOneofArgType__budget_duration: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration"]  # noqa: Y015
+    _WhichOneofReturnType__effective_max_budget: _TypeAlias = _typing.Literal["effective_max_budget"]  # noqa: Y015
+    _WhichOneofArgType__effective_max_budget: _TypeAlias = _typing.Literal["_effective_max_budget", b"_effective_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__effective_rpm_limit: _TypeAlias = _typing.Literal["effective_rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__effective_rpm_limit: _TypeAlias = _typing.Literal["_effective_rpm_limit", b"_effective_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__effective_tpm_limit: _TypeAlias = _typing.Literal["effective_tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__effective_tpm_limit: _TypeAlias = _typing.Literal["_effective_tpm_limit", b"_effective_tpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
+    _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_duration) -> _WhichOneofReturnType__budget_duration | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__effective_max_budget) -> _WhichOneofReturnType__effective_max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__effective_rpm_limit) -> _WhichOneofReturnType__effective_rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__effective_tpm_limit) -> _WhichOneofReturnType__effective_tpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
+
+Global___TeamMember: _TypeAlias = TeamMember  # noqa: Y015
+
+@_typing.final
+class TeamMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    CLEAR_MAX_BUDGET_FIELD_NUMBER: _builtins.int
+    CLEAR_RPM_LIMIT_FIELD_NUMBER: _builtins.int
+    CLEAR_TPM_LIMIT_FIELD_NUMBER: _builtins.int
+    CLEAR_BUDGET_DURATION_FIELD_NUMBER: _builtins.int
+    team_id: _builtins.str
+    user_id: _builtins.str
+    max_budget: _builtins.float
+    budget_duration: _builtins.str
+    rpm_limit: _builtins.int
+    tpm_limit: _builtins.int
+    clear_max_budget: _builtins.bool
+    """UpdateTeamMember: drop the member's own setting (back to the team's default)."""
+    clear_rpm_limit: _builtins.bool
+    clear_tpm_limit: _builtins.bool
+    clear_budget_duration: _builtins.bool
+    def __init__(
+        self,
+        *,
+        team_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        max_budget: _builtins.float | None = ...,
+        budget_duration: _builtins.str | None = ...,
+        rpm_limit: _builtins.int | None = ...,
+        tpm_limit: _builtins.int | None = ...,
+        clear_max_budget: _builtins.bool = ...,
+        clear_rpm_limit: _builtins.bool = ...,
+        clear_tpm_limit: _builtins.bool = ...,
+        clear_budget_duration: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "tpm_limit", b"tpm_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration", "_max_budget", b"_max_budget", "_rpm_limit", b"_rpm_limit", "_tpm_limit", b"_tpm_limit", "budget_duration", b"budget_duration", "clear_budget_duration", b"clear_budget_duration", "clear_max_budget", b"clear_max_budget", "clear_rpm_limit", b"clear_rpm_limit", "clear_tpm_limit", b"clear_tpm_limit", "max_budget", b"max_budget", "rpm_limit", b"rpm_limit", "team_id", b"team_id", "tpm_limit", b"tpm_limit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_duration: _TypeAlias = _typing.Literal["budget_duration"]  # noqa: Y015
+    _WhichOneofArgType__budget_duration: _TypeAlias = _typing.Literal["_budget_duration", b"_budget_duration"]  # noqa: Y015
+    _WhichOneofReturnType__max_budget: _TypeAlias = _typing.Literal["max_budget"]  # noqa: Y015
+    _WhichOneofArgType__max_budget: _TypeAlias = _typing.Literal["_max_budget", b"_max_budget"]  # noqa: Y015
+    _WhichOneofReturnType__rpm_limit: _TypeAlias = _typing.Literal["rpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__rpm_limit: _TypeAlias = _typing.Literal["_rpm_limit", b"_rpm_limit"]  # noqa: Y015
+    _WhichOneofReturnType__tpm_limit: _TypeAlias = _typing.Literal["tpm_limit"]  # noqa: Y015
+    _WhichOneofArgType__tpm_limit: _TypeAlias = _typing.Literal["_tpm_limit", b"_tpm_limit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_duration) -> _WhichOneofReturnType__budget_duration | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_budget) -> _WhichOneofReturnType__max_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm_limit) -> _WhichOneofReturnType__rpm_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm_limit) -> _WhichOneofReturnType__tpm_limit | None: ...
+
+Global___TeamMemberRequest: _TypeAlias = TeamMemberRequest  # noqa: Y015
+
+@_typing.final
+class RemoveTeamMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    team_id: _builtins.str
+    user_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        team_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveTeamMemberRequest: _TypeAlias = RemoveTeamMemberRequest  # noqa: Y015
+
+@_typing.final
+class ListTeamMembersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    team_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        team_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["team_id", b"team_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTeamMembersRequest: _TypeAlias = ListTeamMembersRequest  # noqa: Y015
+
+@_typing.final
+class ListTeamMembersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___TeamMember]: ...
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___TeamMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTeamMembersResponse: _TypeAlias = ListTeamMembersResponse  # noqa: Y015

@@ -92,6 +92,46 @@ class BudgetAuthorityStub:
                 request_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendRequest.SerializeToString,
                 response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendResponse.FromString,
                 _registered_method=True)
+        self.AddTeamMember = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/AddTeamMember',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMemberRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMember.FromString,
+                _registered_method=True)
+        self.UpdateTeamMember = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/UpdateTeamMember',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMemberRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMember.FromString,
+                _registered_method=True)
+        self.RemoveTeamMember = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/RemoveTeamMember',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.RemoveTeamMemberRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMember.FromString,
+                _registered_method=True)
+        self.ListTeamMembers = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/ListTeamMembers',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.ListTeamMembersRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.ListTeamMembersResponse.FromString,
+                _registered_method=True)
+        self.BlockTeam = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/BlockTeam',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetTeamRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.Team.FromString,
+                _registered_method=True)
+        self.UnblockTeam = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/UnblockTeam',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetTeamRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.Team.FromString,
+                _registered_method=True)
+        self.BlockKey = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/BlockKey',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetKeyRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.Key.FromString,
+                _registered_method=True)
+        self.UnblockKey = channel.unary_unary(
+                '/budgetd.v1.BudgetAuthority/UnblockKey',
+                request_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetKeyRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budgetd__pb2.Key.FromString,
+                _registered_method=True)
 
 
 class BudgetAuthorityServicer:
@@ -171,6 +211,56 @@ class BudgetAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddTeamMember(self, request, context):
+        """Team members: per-member budget and rpm/tpm limits (unset = the team's defaults).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTeamMember(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTeamMember(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTeamMembers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockTeam(self, request, context):
+        """Blocking: a blocked team's or key's requests are denied until it is unblocked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockTeam(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +318,46 @@ def add_BudgetAuthorityServicer_to_server(servicer, server):
                     servicer.GetSpend,
                     request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendRequest.FromString,
                     response_serializer=budgetd_dot_v1_dot_budgetd__pb2.GetSpendResponse.SerializeToString,
+            ),
+            'AddTeamMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTeamMember,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMemberRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMember.SerializeToString,
+            ),
+            'UpdateTeamMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTeamMember,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMemberRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMember.SerializeToString,
+            ),
+            'RemoveTeamMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTeamMember,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.RemoveTeamMemberRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.TeamMember.SerializeToString,
+            ),
+            'ListTeamMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTeamMembers,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.ListTeamMembersRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.ListTeamMembersResponse.SerializeToString,
+            ),
+            'BlockTeam': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockTeam,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetTeamRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.Team.SerializeToString,
+            ),
+            'UnblockTeam': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockTeam,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetTeamRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.Team.SerializeToString,
+            ),
+            'BlockKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockKey,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetKeyRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.Key.SerializeToString,
+            ),
+            'UnblockKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockKey,
+                    request_deserializer=budgetd_dot_v1_dot_budgetd__pb2.GetKeyRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budgetd__pb2.Key.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +660,222 @@ class BudgetAuthority:
             '/budgetd.v1.BudgetAuthority/GetSpend',
             budgetd_dot_v1_dot_budgetd__pb2.GetSpendRequest.SerializeToString,
             budgetd_dot_v1_dot_budgetd__pb2.GetSpendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTeamMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/AddTeamMember',
+            budgetd_dot_v1_dot_budgetd__pb2.TeamMemberRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.TeamMember.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTeamMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/UpdateTeamMember',
+            budgetd_dot_v1_dot_budgetd__pb2.TeamMemberRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.TeamMember.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTeamMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/RemoveTeamMember',
+            budgetd_dot_v1_dot_budgetd__pb2.RemoveTeamMemberRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.TeamMember.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTeamMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/ListTeamMembers',
+            budgetd_dot_v1_dot_budgetd__pb2.ListTeamMembersRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.ListTeamMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockTeam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/BlockTeam',
+            budgetd_dot_v1_dot_budgetd__pb2.GetTeamRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.Team.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockTeam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/UnblockTeam',
+            budgetd_dot_v1_dot_budgetd__pb2.GetTeamRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.Team.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/BlockKey',
+            budgetd_dot_v1_dot_budgetd__pb2.GetKeyRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetAuthority/UnblockKey',
+            budgetd_dot_v1_dot_budgetd__pb2.GetKeyRequest.SerializeToString,
+            budgetd_dot_v1_dot_budgetd__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,16 @@ class BudgetAuthorityStub:
     """Keys ordered by key_id, optionally of one team (never their plaintext)."""
     GetSpend: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetSpendRequest, _budgetd_pb2.GetSpendResponse]
     """Spend from the ledger over a date range, grouped by team, key, model and/or day."""
+    AddTeamMember: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.TeamMemberRequest, _budgetd_pb2.TeamMember]
+    """Team members: per-member budget and rpm/tpm limits (unset = the team's defaults)."""
+    UpdateTeamMember: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.TeamMemberRequest, _budgetd_pb2.TeamMember]
+    RemoveTeamMember: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.RemoveTeamMemberRequest, _budgetd_pb2.TeamMember]
+    ListTeamMembers: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.ListTeamMembersRequest, _budgetd_pb2.ListTeamMembersResponse]
+    BlockTeam: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetTeamRequest, _budgetd_pb2.Team]
+    """Blocking: a blocked team's or key's requests are denied until it is unblocked."""
+    UnblockTeam: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetTeamRequest, _budgetd_pb2.Team]
+    BlockKey: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetKeyRequest, _budgetd_pb2.Key]
+    UnblockKey: _grpc.UnaryUnaryMultiCallable[_budgetd_pb2.GetKeyRequest, _budgetd_pb2.Key]
 
 @_typing.type_check_only
 class BudgetAuthorityAsyncStub(BudgetAuthorityStub):
@@ -81,6 +91,16 @@ class BudgetAuthorityAsyncStub(BudgetAuthorityStub):
     """Keys ordered by key_id, optionally of one team (never their plaintext)."""
     GetSpend: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetSpendRequest, _budgetd_pb2.GetSpendResponse]  # type: ignore[assignment]
     """Spend from the ledger over a date range, grouped by team, key, model and/or day."""
+    AddTeamMember: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.TeamMemberRequest, _budgetd_pb2.TeamMember]  # type: ignore[assignment]
+    """Team members: per-member budget and rpm/tpm limits (unset = the team's defaults)."""
+    UpdateTeamMember: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.TeamMemberRequest, _budgetd_pb2.TeamMember]  # type: ignore[assignment]
+    RemoveTeamMember: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.RemoveTeamMemberRequest, _budgetd_pb2.TeamMember]  # type: ignore[assignment]
+    ListTeamMembers: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.ListTeamMembersRequest, _budgetd_pb2.ListTeamMembersResponse]  # type: ignore[assignment]
+    BlockTeam: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetTeamRequest, _budgetd_pb2.Team]  # type: ignore[assignment]
+    """Blocking: a blocked team's or key's requests are denied until it is unblocked."""
+    UnblockTeam: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetTeamRequest, _budgetd_pb2.Team]  # type: ignore[assignment]
+    BlockKey: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetKeyRequest, _budgetd_pb2.Key]  # type: ignore[assignment]
+    UnblockKey: _aio.UnaryUnaryMultiCallable[_budgetd_pb2.GetKeyRequest, _budgetd_pb2.Key]  # type: ignore[assignment]
 
 class BudgetAuthorityServicer(metaclass=_abc_1.ABCMeta):
     """BudgetAuthority decides whether an API key (and its team) may spend, and records
@@ -169,5 +189,63 @@ class BudgetAuthorityServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budgetd_pb2.GetSpendResponse, _abc.Awaitable[_budgetd_pb2.GetSpendResponse]]:
         """Spend from the ledger over a date range, grouped by team, key, model and/or day."""
+
+    @_abc_1.abstractmethod
+    def AddTeamMember(
+        self,
+        request: _budgetd_pb2.TeamMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.TeamMember, _abc.Awaitable[_budgetd_pb2.TeamMember]]:
+        """Team members: per-member budget and rpm/tpm limits (unset = the team's defaults)."""
+
+    @_abc_1.abstractmethod
+    def UpdateTeamMember(
+        self,
+        request: _budgetd_pb2.TeamMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.TeamMember, _abc.Awaitable[_budgetd_pb2.TeamMember]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveTeamMember(
+        self,
+        request: _budgetd_pb2.RemoveTeamMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.TeamMember, _abc.Awaitable[_budgetd_pb2.TeamMember]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTeamMembers(
+        self,
+        request: _budgetd_pb2.ListTeamMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.ListTeamMembersResponse, _abc.Awaitable[_budgetd_pb2.ListTeamMembersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def BlockTeam(
+        self,
+        request: _budgetd_pb2.GetTeamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.Team, _abc.Awaitable[_budgetd_pb2.Team]]:
+        """Blocking: a blocked team's or key's requests are denied until it is unblocked."""
+
+    @_abc_1.abstractmethod
+    def UnblockTeam(
+        self,
+        request: _budgetd_pb2.GetTeamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.Team, _abc.Awaitable[_budgetd_pb2.Team]]: ...
+
+    @_abc_1.abstractmethod
+    def BlockKey(
+        self,
+        request: _budgetd_pb2.GetKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.Key, _abc.Awaitable[_budgetd_pb2.Key]]: ...
+
+    @_abc_1.abstractmethod
+    def UnblockKey(
+        self,
+        request: _budgetd_pb2.GetKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budgetd_pb2.Key, _abc.Awaitable[_budgetd_pb2.Key]]: ...
 
 def add_BudgetAuthorityServicer_to_server(servicer: BudgetAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
