@@ -200,3 +200,28 @@ async def test_budgetd_down_gives_status_on_error_not_the_upstream(tmp_path: Pat
         status, _ = await s.chat()
         assert status == 503  # the example's status_on_error
         assert len(s.upstream.requests) == 1
+
+
+async def test_rate_limited_requests_get_429_with_retry_after_and_ratelimit_headers(
+    tmp_path: Path,
+) -> None:
+    async with stack(tmp_path, max_budget=1.0) as s:
+        limited = await s.running.stub.IssueKey(
+            pb.IssueKeyRequest(team_id=s.team_id, rpm_limit=1), metadata=ADMIN
+        )
+        s.key = limited.key
+        status, _ = await s.chat()
+        assert status == 200
+        async with s.http.post(
+            f"http://127.0.0.1:{s.listen_port}/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {s.key}"},
+        ) as response:
+            body = await response.json()
+            assert response.status == 429
+            assert 1 <= int(response.headers["retry-after"]) <= 60
+            assert response.headers["x-ratelimit-limit"] == "1"
+            assert response.headers["x-ratelimit-remaining"] == "0"
+            assert 0 <= int(response.headers["x-ratelimit-reset"]) <= 60
+        assert body["error"]["type"] == "rate_limit_error"
+        assert "rpm_limit 1" in body["error"]["message"]

@@ -231,3 +231,20 @@ async def test_metrics_are_off_when_the_config_says_so(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, metrics_enabled=False)
     async with running_server("embedded", settings) as running:
         assert running.server.metrics_port == 0
+
+
+async def test_soft_budget_crossings_are_counted_and_answered(
+    backend: tuple[str, Settings],
+) -> None:
+    name, settings = backend
+    async with running_server(name, settings, clock=FakeClock(SEED_INSTANT)) as running:
+        team = await running.stub.CreateTeam(
+            pb.CreateTeamRequest(team_alias="soft", max_budget=1.0, soft_budget=0.5),
+            metadata=ADMIN,
+        )
+        key = await running.stub.IssueKey(pb.IssueKeyRequest(team_id=team.team_id), metadata=ADMIN)
+        await spend(running, key.key, "soft-1", 0.6)
+        answer = await running.stub.CheckBudget(pb.CheckBudgetRequest(api_key=key.key))
+        assert answer.allowed and answer.soft_budget_exceeded
+        got = await scrape(running)
+    assert got.value("budgetd_soft_budget_exceeded_total", team_id=team.team_id) == 1
