@@ -101,9 +101,15 @@ class BudgetdServer:
     and reflection on one port."""
 
     def __init__(
-        self, settings: Settings, *, clock: Clock | None = None, stores: Stores | None = None
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        stores: Stores | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port
         self._clock = clock or SystemClock()
         self._stores = stores or make_stores(settings)
         self._server: grpc.aio.Server | None = None
@@ -170,7 +176,10 @@ class BudgetdServer:
             else None,
         )
         self.admin = Admin(self._stores.records, self._stores.counters, self._clock, tz=tz)
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        options = _SERVER_OPTIONS
+        if self._reuse_port:  # one of the workers of `budgetd serve --workers N`
+            options = (("grpc.so_reuseport", 1), *options[1:])
+        server = grpc.aio.server(options=options)
         reports = SpendReports(self._stores.records, self._clock, settings.timezone)
         service = BudgetAuthorityService(
             self.authority, self.admin, settings.master_key, self.metrics, reports
@@ -290,8 +299,8 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 _SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # Off until `--workers` shares a port on purpose: a second budgetd on the same port
-    # must fail to start, not silently split the traffic.
+    # Off unless `--workers` shares a port on purpose (first in this tuple: the workers
+    # replace it): a second budgetd on the same port must fail to start, not split traffic.
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 )

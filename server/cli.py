@@ -17,6 +17,7 @@ from server.errors import BudgetdError, ConfigError
 from server.logging_setup import configure as configure_logging
 from server.storage.postgres import migrate as migrate_postgres
 from server.storage.sqlite import SqliteRecords
+from server.workers import check_workers, supervise, worker_settings
 
 log = logging.getLogger("budgetd")
 
@@ -69,9 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--listen", metavar="HOST:PORT", help="the HTTP bridge's address (default 127.0.0.1:4000)"
     )
-    commands.add_parser(
+    serve_cmd = commands.add_parser(
         "serve", parents=[common, serve], help="run the gRPC budget authority"
-    ).set_defaults(run=_serve)
+    )
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N processes sharing the port with SO_REUSEPORT (needs DATABASE_URL and "
+        "REDIS_URL and a fixed port; default 1)",
+    )
+    serve_cmd.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve_cmd.set_defaults(run=_serve)
     bridge = commands.add_parser(
         "bridge",
         parents=[common, listen],
@@ -100,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``budgetd`` console script."""
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
 
     overrides = {
         "grpc_addr": getattr(args, "grpc_addr", None),
@@ -114,8 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"budgetd: configuration error:\n{exc}", file=sys.stderr)
         return 2
+    workers = getattr(args, "workers", 1)
+    index = getattr(args, "worker_index", None)
+    try:
+        check_workers(settings, workers)
+    except ConfigError as exc:
+        print(f"budgetd: {exc}", file=sys.stderr)
+        return 2
+    if index is not None:
+        settings = worker_settings(settings, index)
     logs = configure_logging(settings.log_level)
     try:
+        if workers > 1:
+            return int(asyncio.run(_serve_workers(settings, raw, workers)))
+        if index is not None:
+            return int(asyncio.run(_serve(settings, reuse_port=True)))
         return int(asyncio.run(args.run(settings)))
     except BudgetdError as exc:
         log.error("budgetd stopped: %s", exc, extra={"event": "failed"})
@@ -131,9 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.close()
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, *, reuse_port: bool = False) -> int:
     stop = _stop_on_signals()
-    server = BudgetdServer(settings)
+    server = BudgetdServer(settings, reuse_port=reuse_port)
     await server.start()
     _started(settings, server)
     await stop.wait()
@@ -141,6 +166,13 @@ async def _serve(settings: Settings) -> int:
     await server.stop(grace=5.0)
     log.info("budgetd stopped", extra={"event": "stopped"})
     return 0
+
+
+async def _serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
+    """Migrate once, then run the workers (each its own ``budgetd serve``)."""
+    assert settings.database_url  # check_workers
+    await migrate_postgres(settings.database_url)
+    return await supervise(argv, workers)
 
 
 async def _bridge(settings: Settings) -> int:
@@ -240,3 +272,7 @@ async def _migrate(settings: Settings) -> int:
         where = str(settings.data_dir / SQLITE_FILE)
     print(f"budgetd migrate: {where}: applied {applied or 'nothing (up to date)'}")
     return 0
+
+
+if __name__ == "__main__":  # the workers of `budgetd serve --workers N` run this way
+    sys.exit(main())

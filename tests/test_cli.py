@@ -204,3 +204,52 @@ async def test_bridge_asks_a_running_budgetd(tmp_path: Path) -> None:
                 await proc.wait()
     assert proc.returncode == 0, err
     assert "shutting down" in err
+
+
+async def test_workers_share_one_port_and_stop_together(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    port, metrics = free_port(), free_port()
+    env = clean_env(
+        tmp_path, BUDGETD_MASTER_KEY="sk-test", DATABASE_URL=database_url, REDIS_URL=redis_url
+    )
+    proc = await asyncio.create_subprocess_exec(
+        BUDGETD, "serve", "--workers", "2", "--grpc-addr", f"127.0.0.1:{port}",
+        "--metrics-addr", f"127.0.0.1:{metrics}", "--log-level", "warning",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        # Each channel is one connection, which the kernel hands to one worker: several
+        # channels reach both, and both workers' metrics ports (metrics, metrics + 1) answer.
+        for _ in range(8):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                answer = await health.Check(
+                    health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30
+                )
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        async with aiohttp.ClientSession() as http:
+            for worker_port in (metrics, metrics + 1):
+                for _ in range(50):
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"http://127.0.0.1:{worker_port}/healthz") as r:
+                            if r.status == 200:
+                                break
+                    await asyncio.sleep(0.2)
+                else:
+                    raise AssertionError(f"worker metrics on {worker_port} never answered")
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+
+
+async def test_workers_need_shared_counters_and_a_fixed_port(tmp_path: Path) -> None:
+    code, _, err = await run("serve", "--workers", "2", env=clean_env(tmp_path))
+    assert code == 2 and "REDIS_URL" in err
+    env = clean_env(tmp_path, DATABASE_URL="postgresql://x@127.0.0.1:1/x", REDIS_URL="redis://x")
+    code, _, err = await run("serve", "--workers", "2", "--grpc-addr", "127.0.0.1:0", env=env)
+    assert code == 2 and "fixed gRPC port" in err
