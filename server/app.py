@@ -77,7 +77,13 @@ def make_stores(settings: Settings) -> Stores:
         spool = Spool(settings.spool_path) if riding_out else None
         where = f"postgres (postgres_down: {settings.postgres_down})"
     else:
-        records = SqliteRecords(settings.data_dir / SQLITE_FILE)
+        # One process owns the file and writes through this cache, so it is never stale;
+        # it keeps SQLite's thread hops off the decision path.
+        records = CachedRecords(
+            SqliteRecords(settings.data_dir / SQLITE_FILE),
+            ttl=settings.record_cache_ttl,
+            serve_stale=False,
+        )
         where = f"sqlite at {settings.data_dir / SQLITE_FILE}"
     if settings.redis_url:
         redis = RedisCounters(settings.redis_url, cluster=settings.redis_cluster)

@@ -47,6 +47,7 @@ from server.storage.base import (
     ReserveStatus,
     ScopeBudget,
 )
+from server.windows import WindowCache
 
 __all__ = [
     "Authority",
@@ -97,6 +98,7 @@ class Authority:
         self._prices = prices
         self._spool = spool
         self.principals = principals if principals is not None else Principals(records)
+        self._windows = WindowCache()
         self.settler = Settler(records, counters, clock, tz, self.principals)
 
     async def check(self, req: CheckRequest) -> Decision:
@@ -111,7 +113,7 @@ class Authority:
         refused = answers.model_refusal(who, req.model)
         if refused is not None:
             return refused
-        scopes = request_scopes(who, now, self._tz, req.model)
+        scopes = request_scopes(who, now, self._tz, req.model, windows=self._windows)
         rates = [
             RateCharge(limit, 1 if limit.unit is RateUnit.REQUESTS else tokens)
             for limit in rate_limits(who)
@@ -139,7 +141,7 @@ class Authority:
         cost = self._cost(req)
         metadata = validation.metadata(req.metadata)
         who, admitted_at, estimated_tokens = await self._spend_target(req, now)
-        scopes = request_scopes(who, admitted_at, self._tz, req.model)
+        scopes = request_scopes(who, admitted_at, self._tz, req.model, windows=self._windows)
         entry = LedgerEntry(
             request_id=req.request_id,
             team_id=who.team.team_id,

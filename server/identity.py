@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 
@@ -99,7 +100,7 @@ class ReservationCodec:
             team_id,
             key_id,
             str(int(admitted_at * 1000)),
-            secrets.token_hex(8),
+            os.urandom(8).hex(),
             user_id,
             str(estimated_tokens),
         )
@@ -122,5 +123,5 @@ class ReservationCodec:
             return None
 
     def _mac(self, payload: str) -> str:
-        digest = hmac.new(self._secret, payload.encode(), hashlib.sha256).digest()
+        digest = hmac.digest(self._secret, payload.encode(), "sha256")
         return base64.urlsafe_b64encode(digest[:_MAC_BYTES]).decode().rstrip("=")

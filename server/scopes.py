@@ -24,7 +24,7 @@ from server.storage.base import (
     ScopeKind,
     TeamRecord,
 )
-from server.windows import parse_duration, window_at
+from server.windows import WindowCache, parse_duration, window_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,23 +77,46 @@ def _scope(
     *,
     user_id: str = "",
     model: str = "",
+    windows: WindowCache | None = None,
 ) -> ScopeBudget:
-    window = window_at(parse_duration(duration), t, tz)
+    if windows is not None:
+        window = windows.at(duration, t, tz)
+    else:
+        window = window_at(parse_duration(duration), t, tz)
     return ScopeBudget(kind, scope_id, limit, duration, window, user_id=user_id, model=model)
 
 
-def team_scope(team: TeamRecord, t: float, tz: tzinfo) -> ScopeBudget:
+def team_scope(
+    team: TeamRecord, t: float, tz: tzinfo, windows: WindowCache | None = None
+) -> ScopeBudget:
     """The team's budget in the window containing ``t``."""
-    return _scope(ScopeKind.TEAM, team.team_id, team.max_budget_nanos, team.budget_duration, t, tz)
+    return _scope(
+        ScopeKind.TEAM,
+        team.team_id,
+        team.max_budget_nanos,
+        team.budget_duration,
+        t,
+        tz,
+        windows=windows,
+    )
 
 
-def key_scope(key: KeyRecord, t: float, tz: tzinfo) -> ScopeBudget:
+def key_scope(
+    key: KeyRecord, t: float, tz: tzinfo, windows: WindowCache | None = None
+) -> ScopeBudget:
     """The key's own budget in the window containing ``t``."""
-    return _scope(ScopeKind.KEY, key.key_id, key.max_budget_nanos, key.budget_duration, t, tz)
+    return _scope(
+        ScopeKind.KEY, key.key_id, key.max_budget_nanos, key.budget_duration, t, tz, windows=windows
+    )
 
 
 def member_scope(
-    team: TeamRecord, user_id: str, member: MemberRecord | None, t: float, tz: tzinfo
+    team: TeamRecord,
+    user_id: str,
+    member: MemberRecord | None,
+    t: float,
+    tz: tzinfo,
+    windows: WindowCache | None = None,
 ) -> ScopeBudget:
     """A member's budget within ``team`` (limit None when neither it nor the team sets one)."""
     terms = member_terms(team, member)
@@ -105,46 +128,49 @@ def member_scope(
         t,
         tz,
         user_id=user_id,
+        windows=windows,
     )
 
 
-def request_scopes(who: Principal, t: float, tz: tzinfo, model: str = "") -> list[ScopeBudget]:
-    """Every budget a request is checked and held against, in denial order (see above)."""
+def request_scopes(
+    who: Principal,
+    t: float,
+    tz: tzinfo,
+    model: str = "",
+    *,
+    windows: WindowCache | None = None,
+) -> list[ScopeBudget]:
+    """Every budget a request is checked and held against, in denial order (see above).
+
+    ``windows`` (optional) remembers window computations across calls (the decision path).
+    """
     scopes: list[ScopeBudget] = []
     if who.key is not None:
-        scopes.append(key_scope(who.key, t, tz))
-    scopes.append(team_scope(who.team, t, tz))
+        scopes.append(key_scope(who.key, t, tz, windows))
+    scopes.append(team_scope(who.team, t, tz, windows))
     if who.user_id:
-        member = member_scope(who.team, who.user_id, who.member, t, tz)
+        member = member_scope(who.team, who.user_id, who.member, t, tz, windows)
         if member.limit_nanos is not None:
             scopes.append(member)
     if model:
-        if who.key is not None and model in who.key.model_max_budget:
-            budget = who.key.model_max_budget[model]
-            scopes.append(
-                _scope(
-                    ScopeKind.KEY,
-                    who.key.key_id,
-                    budget.limit_nanos,
-                    budget.duration,
-                    t,
-                    tz,
-                    model=model,
+        owners = [(ScopeKind.TEAM, who.team.team_id, who.team.model_max_budget)]
+        if who.key is not None:
+            owners.insert(0, (ScopeKind.KEY, who.key.key_id, who.key.model_max_budget))
+        for kind, owner, budgets in owners:
+            budget = budgets.get(model)
+            if budget is not None:
+                scopes.append(
+                    _scope(
+                        kind,
+                        owner,
+                        budget.limit_nanos,
+                        budget.duration,
+                        t,
+                        tz,
+                        model=model,
+                        windows=windows,
+                    )
                 )
-            )
-        if model in who.team.model_max_budget:
-            budget = who.team.model_max_budget[model]
-            scopes.append(
-                _scope(
-                    ScopeKind.TEAM,
-                    who.team.team_id,
-                    budget.limit_nanos,
-                    budget.duration,
-                    t,
-                    tz,
-                    model=model,
-                )
-            )
     return scopes
 
 

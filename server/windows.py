@@ -119,6 +119,31 @@ def window_at(duration: Duration | None, t: float, tz: tzinfo = UTC) -> Window:
     return Window(_instant(start_wall, tz), _instant(end_wall, tz))
 
 
+class WindowCache:
+    """:func:`window_at` for ``budget_duration`` texts, each window computed once.
+
+    Windows of one duration partition time, so while ``t`` stays inside the window last
+    computed for a (duration, zone) that window is the answer: the decision path then costs
+    a dict lookup and two comparisons instead of time-zone arithmetic. One entry per
+    distinct duration text and zone, so it stays as small as the set of durations in use.
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, tzinfo], Window] = {}
+
+    def at(self, duration: str, t: float, tz: tzinfo) -> Window:
+        """The window of ``duration`` ("" = never resets) containing ``t``."""
+        key = (duration, tz)
+        window = self._last.get(key)
+        if window is not None and window.start <= t and (window.end is None or t < window.end):
+            return window
+        window = window_at(parse_duration(duration), t, tz)
+        self._last[key] = window
+        return window
+
+
 def _month_window(wall: datetime, months: int) -> tuple[datetime, datetime]:
     index = (wall.year - 1970) * 12 + (wall.month - 1)
     first = index - index % months

@@ -348,4 +348,5 @@ def test_the_failure_policies_choose_the_stores(tmp_path: Path) -> None:
     assert isinstance(strict.records, CachedRecords)  # cached, but never served stale
 
     embedded = make_stores(make_settings(tmp_path))
-    assert embedded.spool is None and isinstance(embedded.records, SqliteRecords)
+    assert embedded.spool is None and isinstance(embedded.records, CachedRecords)
+    assert isinstance(embedded.records.inner, SqliteRecords)

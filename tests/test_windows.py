@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.windows import ALL_TIME, DurationError, parse_duration, window_at
+from server.windows import ALL_TIME, DurationError, WindowCache, parse_duration, window_at
 
 
 def at(*parts: int) -> float:
@@ -95,3 +95,20 @@ def test_every_instant_is_in_exactly_one_window(text: str, t: float) -> None:
     # The next window starts exactly where this one ends: no gaps, no overlaps.
     assert window_at(duration, window.end).start == window.end
     assert window_at(duration, window.start).start == window.start
+
+
+@given(
+    st.lists(st.integers(min_value=1_600_000_000, max_value=1_800_000_000), max_size=40),
+    st.sampled_from(["", "1s", "1m", "1h", "1d", "7d", "30d", "1mo", "90m"]),
+    st.sampled_from(["UTC", "Europe/Berlin", "America/New_York"]),
+)
+def test_the_window_cache_answers_what_window_at_does(
+    instants: list[int], duration: str, zone: str
+) -> None:
+    cache, tz = WindowCache(), ZoneInfo(zone)
+    # Unsorted instants jump back and forth across boundaries, including DST changes.
+    for t in [*instants, *sorted(instants)]:
+        for instant in (t, t + 0.5):
+            assert cache.at(duration, instant, tz) == window_at(
+                parse_duration(duration), instant, tz
+            )
