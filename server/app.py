@@ -34,6 +34,7 @@ from server.spool import Spool
 from server.storage.base import CounterStore, RecordStore
 from server.storage.cached_records import CachedRecords
 from server.storage.failover_counters import FailoverCounters
+from server.storage.leasing import LeasingCounters
 from server.storage.memory_counters import MemoryCounters
 from server.storage.postgres import PostgresRecords
 from server.storage.postgres_counters import PostgresCounters
@@ -91,6 +92,9 @@ def make_stores(settings: Settings) -> Stores:
         if settings.database_url and settings.redis_down == "postgres":
             counters = FailoverCounters(redis, PostgresCounters(settings.database_url))
         where += f" + redis counters (redis_down: {settings.redis_down})"
+        if settings.lease_seconds > 0:
+            counters = LeasingCounters(counters, lease_seconds=settings.lease_seconds)
+            where += f", leases of {settings.lease_seconds:g}s"
     else:
         counters = MemoryCounters()
         where += " + in-process counters (single instance)"
@@ -173,6 +177,8 @@ class BudgetdServer:
                 await self._replay_spool()
             self._replayer = asyncio.create_task(self._replay_loop())
         counters = self._stores.counters
+        if isinstance(counters, LeasingCounters):
+            counters = counters.inner
         if isinstance(counters, FailoverCounters):
             counters.on_failover = self.metrics.counter_failovers.inc
         self.metrics.watch_failures(

@@ -207,6 +207,9 @@ class Settings:
     # Seconds a key or team read from Postgres is reused: how long a change made through
     # another replica (a revoked key, a new budget) takes to apply here.
     record_cache_ttl: float = 5.0
+    # Quota leasing (server/storage/leasing.py): seconds a replica admits from one lease of
+    # headroom before asking Redis again; 0 sends every decision to Redis.
+    lease_seconds: float = 1.0
     prices: Mapping[str, ModelPrice] = field(default_factory=_no_prices)
     default_team_settings: tuple[DefaultTeamSettings, ...] = ()
     jwt: JwtSettings = field(default_factory=JwtSettings)
@@ -278,6 +281,7 @@ _SCALARS: Final[Mapping[str, _Scalar[Any]]] = {
     "postgres_down": _budgetd("postgres_down", parse_postgres_down, _DEFAULT.postgres_down),
     "spool_dir": _budgetd("spool_dir", parse_path, _DEFAULT.spool_dir),
     "record_cache_ttl": _budgetd("record_cache_ttl", parse_cache_ttl, _DEFAULT.record_cache_ttl),
+    "lease_seconds": _budgetd("lease_seconds", parse_cache_ttl, _DEFAULT.lease_seconds),
     "metrics_enabled": _Scalar(parse_bool, True, ("BUDGETD_METRICS",), (("budgetd", "metrics"),)),
     "multi_instance_rate_limiting": _Scalar(
         parse_bool, False, ("EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING",)
@@ -446,6 +450,7 @@ class _Resolver:
             postgres_down=scalars["postgres_down"],
             spool_dir=scalars["spool_dir"],
             record_cache_ttl=scalars["record_cache_ttl"],
+            lease_seconds=scalars["lease_seconds"],
             prices=self.prices(),
             default_team_settings=self.default_teams(),
             jwt=self.jwt(),

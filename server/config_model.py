@@ -774,6 +774,7 @@ class BudgetdSection(Section):
     postgres_down: PostgresDown | None = None
     spool_dir: DataDir | None = None
     record_cache_ttl: CacheTtl | None = None
+    lease_seconds: CacheTtl | None = None
     # JWT verification (general_settings.enable_jwt_auth); JWT_AUDIENCE / JWT_ISSUER win.
     jwt_public_key: JwtPublicKey | None = None
     jwt_algorithms: JwtAlgorithms | None = None

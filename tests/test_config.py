@@ -341,6 +341,7 @@ def test_full_config_loads_every_key() -> None:
     assert settings.postgres_down == "deny"
     assert settings.spool_path == settings.spool_dir == Path("/var/spool/budgetd")
     assert settings.record_cache_ttl == 2.0
+    assert settings.lease_seconds == 0.5
     assert settings.success_callback == ("prometheus",)
     assert settings.failure_callback == ("prometheus",)
     assert settings.multi_instance_rate_limiting is False

@@ -31,6 +31,7 @@ from server.spool import CONFLICTS_FILE, Spool
 from server.storage.base import KeyRecord, LedgerEntry, LedgerInsert, TeamRecord
 from server.storage.cached_records import CachedRecords
 from server.storage.failover_counters import FailoverCounters
+from server.storage.leasing import LeasingCounters
 from server.storage.memory_counters import MemoryCounters
 from server.storage.redis_counters import RedisCounters
 from server.storage.sqlite import SqliteRecords
@@ -338,12 +339,14 @@ def test_the_failure_policies_choose_the_stores(tmp_path: Path) -> None:
     both = {"database_url": "postgresql://db/x", "redis_url": "redis://r:6379/0"}
     riding_out = make_stores(make_settings(tmp_path, **both))
     assert isinstance(riding_out.records, CachedRecords)
-    assert isinstance(riding_out.counters, FailoverCounters)
+    assert isinstance(riding_out.counters, LeasingCounters)
+    assert isinstance(riding_out.counters.inner, FailoverCounters)
     assert riding_out.spool is not None
     assert riding_out.spool.directory == tmp_path / "data" / "spool"
 
     strict = make_stores(make_settings(tmp_path, **both, redis_down="deny", postgres_down="deny"))
-    assert isinstance(strict.counters, RedisCounters)
+    assert isinstance(strict.counters, LeasingCounters)
+    assert isinstance(strict.counters.inner, RedisCounters)
     assert strict.spool is None
     assert isinstance(strict.records, CachedRecords)  # cached, but never served stale
 

@@ -498,6 +498,7 @@ class CounterStore(Protocol):
         *,
         xact: int | None = None,
         rates: Sequence[RateCharge] = (),
+        release_amount: int | None = None,
     ) -> SettleResult:
         """Release the reservation's hold (if any) and add ``cost`` to each existing counter.
 
@@ -512,6 +513,10 @@ class CounterStore(Protocol):
 
         ``rates`` are token corrections (actual minus estimated tokens), applied with the
         settle, once per ``request_id`` like the cost.
+
+        ``release_amount`` releases only that much of the reservation's hold, keeping the
+        rest (a lease, see :mod:`server.storage.leasing`: the part one settled request had
+        taken); the hold goes when nothing is left of it.
         """
 
     async def read(

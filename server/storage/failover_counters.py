@@ -142,6 +142,7 @@ class FailoverCounters:
         *,
         xact: int | None = None,
         rates: Sequence[RateCharge] = (),
+        release_amount: int | None = None,
     ) -> SettleResult:
         return await self._call(
             team_id,
@@ -155,6 +156,7 @@ class FailoverCounters:
                 dedupe_ttl,
                 xact=xact,
                 rates=rates,
+                release_amount=release_amount,
             ),
         )
 

@@ -38,6 +38,8 @@ RECOVERY_CLAIM_SECONDS = 30
 MIN_GRACE_SECONDS = 3600
 # Redis counts in signed 64-bit integers; both stores refuse amounts it could not hold.
 MAX_NANOS = 2**63 - 1
+# A hold released in parts (a lease) stays below this, so the Lua arithmetic on it is exact.
+MAX_PARTIAL_RELEASE = 2**53
 # Entries of each expiry heap reclaimed per call: more than one call can create, so memory
 # stays bounded while no call pays for a large backlog at once.
 _SWEEP_LIMIT = 256
@@ -85,7 +87,7 @@ class _Counter:
         return CounterState(self.spend, self.held)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Hold:
     amount: int
     counter_ids: tuple[str, ...]
@@ -238,6 +240,7 @@ class MemoryCounters:
         *,
         xact: int | None = None,
         rates: Sequence[RateCharge] = (),
+        release_amount: int | None = None,
     ) -> SettleResult:
         """Release the reservation's hold (if any), add ``cost`` to each existing counter and
         apply the token corrections ``rates`` to their limiters.
@@ -262,7 +265,9 @@ class MemoryCounters:
 
         self._done[done_key] = now + marker_seconds
         heapq.heappush(self._done_expiry, (now + marker_seconds, team_id, request_id))
-        if reservation_id:
+        if reservation_id and release_amount is not None:
+            self._shrink_hold(team_id, reservation_id, release_amount, now)
+        elif reservation_id:
             self._drop_hold(team_id, reservation_id, now)
         for scope in scopes:
             counter = self._counter(team_id, scope.counter_id, now)
@@ -363,6 +368,21 @@ class MemoryCounters:
             # Every heap entry left is stale: drop the team's holds entirely.
             del self._holds[team_id]
         return True
+
+    def _shrink_hold(self, team_id: str, reservation_id: str, amount: int, now: float) -> None:
+        """Take ``amount`` off a hold (all of it when less is left)."""
+        holds = self._holds.get(team_id)
+        hold = None if holds is None else holds.by_id.get(reservation_id)
+        if hold is None:
+            return
+        if amount >= hold.amount:
+            self._drop_hold(team_id, reservation_id, now)
+            return
+        hold.amount -= amount
+        for counter_id in hold.counter_ids:
+            counter = self._counter(team_id, counter_id, now)
+            if counter is not None:
+                counter.held = max(0, counter.held - amount)
 
     def _purge(self, team_id: str, now: float) -> None:
         """Release holds that expired at or before ``now``, oldest first, PURGE_LIMIT at most."""

@@ -217,11 +217,15 @@ class PostgresCounters:
         *,
         xact: int | None = None,
         rates: Sequence[RateCharge] = (),
+        release_amount: int | None = None,
     ) -> SettleResult:
         """Release the reservation's hold; the cost is the caller's ledger row, not added here.
 
         Idempotent, so ``applied`` is always True. The token corrections ``rates`` go to this
-        replica's limiters, once per ``request_id`` within ``dedupe_ttl``.
+        replica's limiters, once per ``request_id`` within ``dedupe_ttl``. A partial release
+        (``release_amount``) is for a lease, and leases are only ever taken on Redis (see
+        :mod:`server.storage.leasing`): here it leaves holds alone rather than risk shrinking
+        one twice on a retry (this store does not deduplicate settles).
         """
         check_nanos("cost", cost)
         check_rates(rates, at_reserve=False)
@@ -231,7 +235,7 @@ class PostgresCounters:
         now_ms(now)
         async with self._connection() as conn:
             await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
-            if reservation_id:
+            if reservation_id and release_amount is None:
                 await conn.execute(_SQL_DROP_ANY_HOLD, team_id, reservation_id)
             states = await _states(conn, scopes, now)
         # After the statements: a settle that failed with Unavailable is retried by the

@@ -46,6 +46,7 @@ from server.storage.base import (
     SettleResult,
 )
 from server.storage.memory_counters import (
+    MAX_PARTIAL_RELEASE,
     PURGE_LIMIT,
     RECOVERY_CLAIM_SECONDS,
     check_nanos,
@@ -343,9 +344,11 @@ class RedisCounters:
         *,
         xact: int | None = None,
         rates: Sequence[RateCharge] = (),
+        release_amount: int | None = None,
     ) -> SettleResult:
-        """Release the reservation's hold (if any), add ``cost`` to each existing counter and
-        apply the token corrections ``rates`` to their limiters (one script).
+        """Release the reservation's hold (if any; only ``release_amount`` of it when given),
+        add ``cost`` to each existing counter and apply the token corrections ``rates`` to
+        their limiters (one script).
 
         Applied once per ``request_id`` within ``dedupe_ttl`` seconds; a repeat changes
         nothing and returns ``applied=False`` with the current counters. A counter whose
@@ -358,6 +361,10 @@ class RedisCounters:
             raise ValueError("settle needs a request_id")
         if xact is not None and xact < 0:
             raise ValueError(f"xact must not be negative, got {xact}")
+        if release_amount is not None:
+            check_nanos("release_amount", release_amount)
+            if release_amount >= MAX_PARTIAL_RELEASE:
+                raise ValueError(f"release_amount must be below 2^53, got {release_amount}")
         keys = TeamKeys(self._prefix, team_id)
         reply = await self._run(
             "settle",
@@ -379,6 +386,7 @@ class RedisCounters:
                 request_id,
                 str(now_ms(now)),
                 str(len(scopes)),
+                "" if release_amount is None else str(release_amount),
                 *_rate_args(rates),
             ],
         )

@@ -84,6 +84,31 @@ local function release_hold(holds_key, expiry_key, rid)
   return true
 end
 
+-- Take `amount` (a decimal string) off a hold, keeping the rest; all of it when less is left.
+-- Only leases are shrunk, and their amounts stay below 2^53 (MAX_PARTIAL_RELEASE), so the
+-- subtraction here is exact in Lua's doubles; counters change by HINCRBY as everywhere.
+local function shrink_hold(holds_key, expiry_key, rid, amount)
+  local record = redis.call('HGET', holds_key, rid)
+  if not record then
+    return
+  end
+  local hold = cjson.decode(record) -- [amount, counter key, counter key, ...]
+  local left = tonumber(hold[1]) - tonumber(amount)
+  if left <= 0 then
+    release_hold(holds_key, expiry_key, rid)
+    return
+  end
+  hold[1] = string.format('%.0f', left)
+  redis.call('HSET', holds_key, rid, cjson.encode(hold))
+  for i = 2, #hold do
+    if redis.call('EXISTS', hold[i]) == 1 then
+      if redis.call('HINCRBY', hold[i], 'held', '-' .. amount) < 0 then
+        redis.call('HSET', hold[i], 'held', '0')
+      end
+    end
+  end
+end
+
 -- Release holds that expired at or before `now`, oldest first, at most PURGE_LIMIT per call
 -- so one decision never does unbounded work.
 local function purge(holds_key, expiry_key, now)

@@ -16,7 +16,9 @@
 -- ARGV[6]                  request id
 -- ARGV[7]                  now (Unix milliseconds, an integer: the limiters' clock)
 -- ARGV[8]                  n, the number of scopes
--- ARGV[9+3(j-1)..11+3(j-1)] correction j: unit, limit per minute, tokens (actual minus
+-- ARGV[9]                  release only this much of the hold ("" = all of it): a lease
+--                          (server/storage/leasing.py) gives back one request's part
+-- ARGV[10+3(j-1)..12+3(j-1)] correction j: unit, limit per minute, tokens (actual minus
 --                          estimated; a negative one refunds, down to an empty bucket)
 --
 -- A counter whose snapshot already saw the transaction is not added to (its rebuild summed
@@ -36,7 +38,9 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   return {0, read_states(5, 4 + n), unsettled}
 end
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
-if ARGV[2] ~= '' then
+if ARGV[2] ~= '' and ARGV[9] ~= '' then
+  shrink_hold(KEYS[1], KEYS[2], ARGV[2], ARGV[9])
+elseif ARGV[2] ~= '' then
   release_hold(KEYS[1], KEYS[2], ARGV[2])
 end
 for i = 5, 4 + n do
@@ -50,7 +54,7 @@ for i = 5, 4 + n do
   end
 end
 local now_ms = tonumber(ARGV[7])
-local charges, buckets = rl_load(5 + 2 * n, 9, now_ms)
+local charges, buckets = rl_load(5 + 2 * n, 10, now_ms)
 for _, c in ipairs(charges) do
   buckets[c.key].level = rl_charge(buckets[c.key].level, c.amount)
 end
