@@ -54,7 +54,10 @@ _RETRY_GRACE = 60.0  # a settle that failed keeps its request outstanding this l
 
 LEASE_FRACTION = 16  # a lease holds at most this fraction of the headroom it was cut from
 MIN_LEASE_REQUESTS = 8  # ... and at least this many requests' worth, or there is no lease
-MAX_LEASES = 100_000  # bound on leases and remembered headroom (LRU-ish: oldest dropped)
+# Bounds on memory: active leases and remembered headroom (past them, requests go to the
+# store), and requests admitted from leases that are not settled yet (each ~150 bytes).
+MAX_LEASES = 10_000
+MAX_OUTSTANDING = 200_000
 
 
 @dataclass(slots=True)
@@ -101,6 +104,7 @@ class LeasingCounters:
         self._prefix = f"lease-{os.urandom(6).hex()}-"
         self._serial = 0
         self._generation = 0  # bumped whenever every lease is forgotten
+        self._lease_count = 0  # active leases
         self.local_admits = 0  # decisions answered here (for tests and the bench)
 
     async def start(self) -> None:
@@ -148,6 +152,8 @@ class LeasingCounters:
         key: _Key = (mode.value, tuple((s.counter_id, s.limit_nanos) for s in scopes))
         await self._sweep(team_id, now)
         lease = self._active.get(team_id, {}).get(key)
+        if len(self._by_reservation) >= MAX_OUTSTANDING:
+            lease = None  # too many leased requests out (never settled?): ask the store
         if lease is not None:
             if _fits(lease, amount, now):
                 return self._admit(lease, amount, reservation_id, hold_expires_at)
@@ -344,7 +350,7 @@ class LeasingCounters:
             await self._release_if_done(lease, now)
             return None
         team = self._active.setdefault(team_id, {})
-        if sum(map(len, self._active.values())) >= MAX_LEASES:
+        if self._lease_count >= MAX_LEASES:
             # Bounded: past this many, requests go to the store (this lease's room is
             # given back at once: it has no requests yet).
             lease.retired = True
@@ -352,6 +358,7 @@ class LeasingCounters:
                 await self.inner.release(team_id, lease.lease_id, now)
             return None
         team[key] = lease
+        self._lease_count += 1
         return lease
 
     def _observe(self, key: _Key, team_id: str, result: ReserveResult) -> None:
@@ -368,6 +375,7 @@ class LeasingCounters:
         team = self._active.get(lease.team_id, {})
         for key in [k for k, v in team.items() if v is lease]:
             del team[key]
+            self._lease_count -= 1
             self._seen.pop((lease.team_id, key), None)  # the next lease uses fresh headroom
         if not team:
             self._active.pop(lease.team_id, None)
@@ -396,8 +404,12 @@ class LeasingCounters:
         for lease in [x for x in self._active.get(team_id, {}).values() if now >= x.admit_until]:
             await self._retire(lease, now)
         for lease in list(self._retired.get(team_id, ())):
-            expired = [rid for rid, (_, until) in lease.outstanding.items() if until <= now]
-            for rid in expired:
+            # Admission order is (nearly) expiry order: drop from the front while expired,
+            # so a sweep costs what it frees, not what is outstanding.
+            while lease.outstanding:
+                rid = next(iter(lease.outstanding))
+                if lease.outstanding[rid][1] > now:
+                    break
                 del lease.outstanding[rid]
                 self._by_reservation.pop(rid, None)
             await self._release_if_done(lease, now)
@@ -420,6 +432,7 @@ class LeasingCounters:
                 lease.retired = True
                 self._retired.setdefault(team_id, []).append(lease)
         self._active.clear()
+        self._lease_count = 0
         self._seen.clear()
 
     async def _forget_team(self, team_id: str, now: float) -> None:
