@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from clients.bridge import Bridge, BridgeConfig
 from server.app import SQLITE_FILE, BudgetdServer, split_address
 from server.config import Settings, load_settings
 from server.errors import BudgetdError, ConfigError
@@ -18,6 +18,9 @@ from server.logging_setup import configure as configure_logging
 from server.storage.postgres import migrate as migrate_postgres
 from server.storage.sqlite import SqliteRecords
 from server.workers import check_workers, supervise, worker_settings
+
+if TYPE_CHECKING:
+    from clients.bridge import Bridge
 
 log = logging.getLogger("budgetd")
 
@@ -177,6 +180,8 @@ async def _serve_workers(settings: Settings, argv: Sequence[str], workers: int) 
 
 async def _bridge(settings: Settings) -> int:
     stop = _stop_on_signals()
+    from clients.bridge import Bridge, BridgeConfig  # noqa: PLC0415 - `serve` starts faster
+
     bridge = Bridge(BridgeConfig.from_settings(settings))
     await bridge.start()
     log.info(
@@ -199,6 +204,8 @@ async def _up(settings: Settings) -> int:
     stop = _stop_on_signals()
     server = BudgetdServer(settings)
     port = await server.start()
+    from clients.bridge import Bridge, BridgeConfig  # noqa: PLC0415 - `serve` starts faster
+
     bridge = Bridge(BridgeConfig.from_settings(settings, target=_local_target(settings, port)))
     try:
         await bridge.start()
