@@ -8,7 +8,7 @@ GEN := server/gen
 PROTOS := $(wildcard proto/budgetd/v1/*.proto)
 CONFIG ?= examples/config.yaml
 
-.PHONY: all install run test lint format typecheck proto proto-check soak clean
+.PHONY: all install run test lint format typecheck proto proto-check soak bench clean
 
 all: lint typecheck test
 
@@ -41,6 +41,15 @@ test: $(STAMP)
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	$(BIN)/python tests/soak.py --duration $(SOAK_SECONDS)
+
+# budgetd's decision path next to a no-op floor in the same runtime (issue 7, bench/README.md):
+# its own Postgres, Redis, budgetd, floor and Envoy on loopback; h2load and wrk from Debian.
+# Prints a table and writes bench/results/<UTC stamp>.json and .png (and latest.*). Exits 0
+# when targets are missed (it reports), non-zero only when the harness fails. Full form:
+# a few minutes; quick form: make bench BENCH_SECONDS=5 BENCH_KEYS=20000 BENCH_TEAMS=2000
+# (also BENCH_ROUNDS, BENCH_WARMUP, BENCH_CONCURRENCY, BENCH_DRIVE_KEYS, BENCH_COLD_STARTS).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
