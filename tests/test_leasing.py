@@ -24,7 +24,7 @@ from server.storage.base import (
     ScopeKind,
     SettleResult,
 )
-from server.storage.leasing import LEASE_FRACTION, LeasingCounters
+from server.storage.leasing import HOT_REQUESTS, LEASE_FRACTION, LeasingCounters
 from server.storage.memory_counters import MemoryCounters
 from server.storage.redis_counters import RedisCounters
 from server.windows import ALL_TIME
@@ -67,7 +67,7 @@ async def ready(store: CounterStore, limit: int | None) -> list[ScopeBudget]:
 
 
 async def test_after_the_first_request_decisions_come_from_the_lease(inner: CounterStore) -> None:
-    leasing = LeasingCounters(inner, lease_seconds=5.0)
+    leasing = LeasingCounters(inner, lease_seconds=5.0, hot_requests=1)
     found = await ready(inner, 16_000_000)
     first = await leasing.reserve("t", found, 1000, "r0", NOW + TTL, NOW, NEVER)
     assert first.status is ReserveStatus.RESERVED and leasing.local_admits == 0
@@ -83,7 +83,7 @@ async def test_after_the_first_request_decisions_come_from_the_lease(inner: Coun
 async def test_settling_a_leased_request_gives_its_part_of_the_hold_back(
     inner: CounterStore,
 ) -> None:
-    leasing = LeasingCounters(inner, lease_seconds=5.0)
+    leasing = LeasingCounters(inner, lease_seconds=5.0, hot_requests=1)
     found = await ready(inner, 16_000_000)
     await leasing.reserve("t", found, 1000, "r0", NOW + TTL, NOW, NEVER)
     await leasing.reserve("t", found, 1000, "r1", NOW + TTL, NOW, NEVER)  # from the lease
@@ -99,7 +99,7 @@ async def test_settling_a_leased_request_gives_its_part_of_the_hold_back(
 
 
 async def test_a_retired_lease_is_released_once_its_requests_are_done(inner: CounterStore) -> None:
-    leasing = LeasingCounters(inner, lease_seconds=1.0)
+    leasing = LeasingCounters(inner, lease_seconds=1.0, hot_requests=1)
     found = await ready(inner, 16_000_000)
     await leasing.reserve("t", found, 1000, "r0", NOW + TTL, NOW, NEVER)
     await leasing.settle("t", "r0", found, 1000, "q0", NOW, 3600)
@@ -120,7 +120,7 @@ async def test_a_retired_lease_is_released_once_its_requests_are_done(inner: Cou
 
 
 async def test_near_the_limit_every_decision_is_the_stores(inner: CounterStore) -> None:
-    leasing = LeasingCounters(inner, lease_seconds=5.0)
+    leasing = LeasingCounters(inner, lease_seconds=5.0, hot_requests=1)
     found = await ready(inner, 10_000)  # 1/16 of it is less than 8 requests of 1000
     answers = [
         await leasing.reserve("t", found, 1000, f"r{i}", NOW + TTL, NOW, NEVER) for i in range(12)
@@ -131,7 +131,7 @@ async def test_near_the_limit_every_decision_is_the_stores(inner: CounterStore) 
 
 
 async def test_rate_limited_requests_bypass_leases(inner: CounterStore) -> None:
-    leasing = LeasingCounters(inner, lease_seconds=5.0)
+    leasing = LeasingCounters(inner, lease_seconds=5.0, hot_requests=1)
     found = await ready(inner, 16_000_000)
     rpm = [RateCharge(RateLimit(ScopeKind.KEY, "k", RateUnit.REQUESTS, 2), 1)]
     answers = [
@@ -153,7 +153,7 @@ async def test_replicas_with_leases_never_overspend(mode: Enforcement, redis_url
     stores = [RedisCounters(redis_url, prefix=prefix) for _ in range(4)]
     for store in stores:
         await store.start()
-    replicas = [LeasingCounters(store, lease_seconds=0.5) for store in stores]
+    replicas = [LeasingCounters(store, lease_seconds=0.5, hot_requests=1) for store in stores]
     limit, estimate = 5_000_000, 10_000
     found = await ready(stores[0], limit)
     spent = 0
@@ -202,7 +202,7 @@ class Flaky(MemoryCounters):
 
 async def test_a_store_failure_stops_every_lease_at_once() -> None:
     store = Flaky()
-    leasing = LeasingCounters(store, lease_seconds=60.0)
+    leasing = LeasingCounters(store, lease_seconds=60.0, hot_requests=1)
     found = await ready(store, 16_000_000)
     for i in range(3):
         await leasing.reserve("t", found, 1000, f"r{i}", NOW + TTL, NOW, NEVER)
@@ -220,7 +220,7 @@ async def test_a_store_failure_stops_every_lease_at_once() -> None:
 
 async def test_failing_over_to_postgres_forgets_the_leases() -> None:
     store = Flaky()
-    leasing = LeasingCounters(store, lease_seconds=60.0)
+    leasing = LeasingCounters(store, lease_seconds=60.0, hot_requests=1)
     found = await ready(store, 16_000_000)
     await leasing.reserve("t", found, 1000, "r0", NOW + TTL, NOW, NEVER)
     await leasing.reserve("t", found, 1000, "r1", NOW + TTL, NOW, NEVER)
@@ -230,3 +230,22 @@ async def test_failing_over_to_postgres_forgets_the_leases() -> None:
     store.failed_over = False  # back on Redis: the old lease is not trusted again
     await leasing.reserve("t", found, 1000, "r3", NOW + TTL, NOW, NEVER)
     assert leasing.local_admits == 1
+
+
+async def test_quiet_keys_get_no_lease_so_an_idle_key_holds_nothing(inner: CounterStore) -> None:
+    leasing = LeasingCounters(inner, lease_seconds=1.0)  # the default: hot keys only
+    found = await ready(inner, 16_000_000)
+    for i in range(HOT_REQUESTS - 1):  # a quiet key: every decision is the store's
+        await leasing.reserve("t", found, 0, "", NOW + TTL, NOW + i * 0.01, NEVER)
+    assert leasing.local_admits == 0
+    hot = NOW + 0.5
+    for i in range(10):  # the same second, now hot: a lease, and decisions from it
+        await leasing.reserve("t", found, 1000, f"h{i}", hot + TTL, hot, NEVER)
+    assert leasing.local_admits == 10
+    for i in range(10):
+        await leasing.settle("t", f"h{i}", found, 1000, f"q{i}", hot, 3600)
+    # Later, a trickle of probes: the lease's time is up, it is given back, and no new one
+    # is taken for a key this quiet, so nothing stays held.
+    for step in range(5):
+        await leasing.reserve("t", found, 0, "", NOW + 3 + step + TTL, NOW + 3 + step, NEVER)
+    assert (await inner.read("t", found, NOW + 8))[1] == CounterState(10_000, 0)

@@ -57,6 +57,9 @@ MIN_LEASE_REQUESTS = 8  # ... and at least this many requests' worth, or there i
 # Bounds on memory: active leases and remembered headroom (past them, requests go to the
 # store), and requests admitted from leases that are not settled yet (each ~150 bytes).
 MAX_LEASES = 10_000
+# Only a hot scope set gets a lease: one that saw this many decisions here in the current or
+# the previous second. Quiet keys are decided by the store, so an idle key holds nothing.
+HOT_REQUESTS = 32
 MAX_OUTSTANDING = 200_000
 
 
@@ -89,14 +92,19 @@ _Key = tuple[str, tuple[tuple[str, int | None], ...]]  # (mode, (counter id, lim
 class LeasingCounters:
     """A CounterStore that admits from leases of headroom, wrapping the real one."""
 
-    def __init__(self, inner: CounterStore, *, lease_seconds: float = 1.0) -> None:
+    def __init__(
+        self, inner: CounterStore, *, lease_seconds: float = 1.0, hot_requests: int = HOT_REQUESTS
+    ) -> None:
         self.inner = inner
         self._seconds = lease_seconds
+        self._hot_requests = hot_requests
         # Per team: the active lease of each scope set, leases retired but still in use,
         # and the headroom last seen for each scope set.
         self._active: dict[str, dict[_Key, _Lease]] = {}
         self._retired: dict[str, list[_Lease]] = {}
         self._seen: dict[tuple[str, _Key], tuple[CounterState, ...]] = {}
+        # Decisions per scope set: (second, count in it, count in the second before).
+        self._rate: dict[tuple[str, _Key], tuple[int, int, int]] = {}
         self._by_reservation: dict[str, _Lease] = {}
         # One lease is asked for at a time per scope set: concurrent requests wait for it
         # instead of each taking a lease of their own.
@@ -150,6 +158,7 @@ class LeasingCounters:
                 )
             )  # fmt: skip
         key: _Key = (mode.value, tuple((s.counter_id, s.limit_nanos) for s in scopes))
+        self._count((team_id, key), now)
         await self._sweep(team_id, now)
         lease = self._active.get(team_id, {}).get(key)
         if len(self._by_reservation) >= MAX_OUTSTANDING:
@@ -311,8 +320,8 @@ class LeasingCounters:
         """A lease cut from the headroom seen last time, or None (too little, or unknown)."""
         generation = self._generation
         seen = self._seen.get((team_id, key))
-        if seen is None:
-            return None  # first sight: a plain reservation tells us the headroom
+        if seen is None or not self._hot((team_id, key), now):
+            return None  # first sight (a plain reservation tells the headroom), or quiet
         headroom = [
             scope.limit_nanos - state.spend - state.held
             for scope, state in zip(scopes, seen, strict=True)
@@ -360,6 +369,22 @@ class LeasingCounters:
         team[key] = lease
         self._lease_count += 1
         return lease
+
+    def _count(self, which: tuple[str, _Key], now: float) -> None:
+        second = int(now)
+        last, count, before = self._rate.pop(which, (second, 0, 0))
+        if last == second:
+            self._rate[which] = (second, count + 1, before)
+        else:
+            self._rate[which] = (second, 1, count if last == second - 1 else 0)
+        if len(self._rate) > MAX_LEASES:
+            del self._rate[next(iter(self._rate))]  # the least recently used
+
+    def _hot(self, which: tuple[str, _Key], now: float) -> bool:
+        last, count, before = self._rate.get(which, (0, 0, 0))
+        if last != int(now):
+            return False
+        return max(count, before) >= self._hot_requests
 
     def _observe(self, key: _Key, team_id: str, result: ReserveResult) -> None:
         """Remember the headroom a store answer showed; a missing counter voids leases."""
