@@ -169,7 +169,7 @@ class Admin:
             or str(uuid.uuid4()),
             team_alias=validation.text(req.team_alias, "team_alias"),
             max_budget_nanos=validation.budget(req.max_budget),
-            budget_duration=_duration_text(req.budget_duration),
+            budget_duration=validation.duration_text(req.budget_duration),
             tpm_limit=validation.limit(req.tpm_limit, "tpm_limit"),
             rpm_limit=validation.limit(req.rpm_limit, "rpm_limit"),
             models=validation.models(req.models),
@@ -178,7 +178,7 @@ class Admin:
             blocked=req.blocked,
             soft_budget_nanos=validation.budget(req.soft_budget, "soft_budget"),
             member_budget_nanos=validation.budget(req.team_member_budget, "team_member_budget"),
-            member_budget_duration=_duration_text(
+            member_budget_duration=validation.duration_text(
                 req.team_member_budget_duration, "team_member_budget_duration"
             ),
             member_rpm_limit=validation.limit(req.team_member_rpm_limit, "team_member_rpm_limit"),
@@ -279,7 +279,7 @@ class Admin:
             team_id=req.team_id,
             key_alias=validation.text(req.key_alias, "key_alias"),
             max_budget_nanos=validation.budget(req.max_budget),
-            budget_duration=_duration_text(req.budget_duration),
+            budget_duration=validation.duration_text(req.budget_duration),
             expires_at=expires,
             models=validation.models(req.models),
             user_id=validation.text(req.user_id, "user_id", limit=validation.MAX_ID),
@@ -363,11 +363,6 @@ class Admin:
         return states[0].spend
 
 
-def _duration_text(value: str, field: str = "budget_duration") -> str:
-    parsed = validation.duration(value, field)
-    return parsed.text if parsed is not None else ""
-
-
 def _team_changes(req: TeamChanges) -> dict[str, Any]:
     """The TeamRecord fields an update of alias, budget, limits, models or metadata sets."""
     changes: dict[str, Any] = {}
@@ -379,7 +374,7 @@ def _team_changes(req: TeamChanges) -> dict[str, Any]:
         changes["max_budget_nanos"] = validation.budget(req.max_budget)
     if req.budget_duration:
         none = req.budget_duration == "none"
-        changes["budget_duration"] = "" if none else _duration_text(req.budget_duration)
+        changes["budget_duration"] = "" if none else validation.duration_text(req.budget_duration)
     if req.tpm_limit is not None:
         changes["tpm_limit"] = validation.limit(req.tpm_limit, "tpm_limit")
     if req.rpm_limit is not None:
@@ -405,7 +400,7 @@ def _team_limit_changes(req: TeamChanges) -> dict[str, Any]:
             req.team_member_budget, "team_member_budget"
         )
     if req.team_member_budget_duration is not None:
-        changes["member_budget_duration"] = _duration_text(
+        changes["member_budget_duration"] = validation.duration_text(
             req.team_member_budget_duration, "team_member_budget_duration"
         )
     for name in ("team_member_rpm_limit", "team_member_tpm_limit"):
@@ -424,15 +419,12 @@ def _team_limit_changes(req: TeamChanges) -> dict[str, Any]:
 def _lifetime_end(lifetime: Duration, now: float) -> float:
     """``now`` plus a key ``duration``: fixed seconds, or calendar months for ``Nmo``."""
     if lifetime.unit != "mo":
-        return now + lifetime.count * _SECONDS[lifetime.unit]
+        return now + lifetime.seconds
     start = datetime.fromtimestamp(now, UTC)
     month = start.month - 1 + lifetime.count
     year, month = start.year + month // 12, month % 12 + 1
     day = min(start.day, calendar.monthrange(year, month)[1])
     return start.replace(year=year, month=month, day=day).timestamp()
-
-
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _model_budgets(given: Mapping[str, ModelBudgetInput]) -> dict[str, ModelBudget]:
@@ -444,7 +436,9 @@ def _model_budgets(given: Mapping[str, ModelBudgetInput]) -> dict[str, ModelBudg
         name = validation.text(model, "model_max_budget model", required=True)
         limit = validation.budget(entry.budget_limit, f"model_max_budget[{name!r}].budget_limit")
         assert limit is not None
-        duration = _duration_text(entry.time_period, f"model_max_budget[{name!r}].time_period")
+        duration = validation.duration_text(
+            entry.time_period, f"model_max_budget[{name!r}].time_period"
+        )
         out[name] = ModelBudget(limit, duration)
     return out
 
@@ -458,7 +452,7 @@ def _member_changed(member: MemberRecord, req: MemberChanges) -> MemberRecord:
     if req.clear_budget_duration:
         changes["budget_duration"] = None
     elif req.budget_duration is not None:
-        changes["budget_duration"] = _duration_text(req.budget_duration)
+        changes["budget_duration"] = validation.duration_text(req.budget_duration)
     for name in ("rpm_limit", "tpm_limit"):
         if getattr(req, f"clear_{name}"):
             changes[name] = None

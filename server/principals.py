@@ -160,12 +160,12 @@ def new_team_from_defaults(
         team_id=team_id,
         team_alias=entry.team_alias or team_id,
         max_budget_nanos=validation.budget(entry.max_budget),
-        budget_duration=_duration(entry.budget_duration),
+        budget_duration=validation.duration_text(entry.budget_duration),
         tpm_limit=entry.tpm_limit,
         rpm_limit=entry.rpm_limit,
         models=entry.models,
         member_budget_nanos=validation.budget(entry.team_member_budget, "team_member_budget"),
-        member_budget_duration=_duration(entry.team_member_budget_duration),
+        member_budget_duration=validation.duration_text(entry.team_member_budget_duration),
         member_rpm_limit=entry.team_member_rpm_limit,
         member_tpm_limit=entry.team_member_tpm_limit,
         created_at=now,
@@ -174,8 +174,3 @@ def new_team_from_defaults(
 
 def _jwt_refusal(message: str) -> Decision:
     return refusal(Reason.JWT_INVALID, message, None, None)
-
-
-def _duration(text: str | None) -> str:
-    parsed = validation.duration(text or "")
-    return parsed.text if parsed is not None else ""

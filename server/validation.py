@@ -75,6 +75,12 @@ def duration(value: str, field: str = "budget_duration") -> Duration | None:
         raise InvalidArgument(str(exc)) from exc
 
 
+def duration_text(value: str | None, field: str = "budget_duration") -> str:
+    """A ``budget_duration`` in its normal form ("" = never resets)."""
+    parsed = duration(value or "", field)
+    return parsed.text if parsed is not None else ""
+
+
 def tokens(value: int, field: str) -> int:
     if value < 0 or value > MAX_TOKENS:
         raise InvalidArgument(f"{field} must be between 0 and {MAX_TOKENS}, got {value}")
