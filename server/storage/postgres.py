@@ -14,10 +14,11 @@ starting together apply each one exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -40,6 +41,7 @@ from server.storage.base import (
     SpendSum,
     TeamRecord,
 )
+from server.storage.batching import Batcher
 from server.storage.model_budgets import decode_model_budgets, encode_model_budgets
 from server.storage.spend_sql import POSTGRES, spend_report_sql, spend_row
 
@@ -169,6 +171,24 @@ _SQL_INSERT_SPEND: Final = (
     f" ON CONFLICT (request_id) DO NOTHING RETURNING {_LEDGER_COLUMNS}, xact"
 )
 _SQL_GET_SPEND: Final = f"SELECT {_LEDGER_COLUMNS}, xact FROM spend_ledger WHERE request_id = $1"
+# Group commit (issue 7): the rows of concurrent insert_spend calls as one statement, so one
+# transaction and one commit. Every row of it gets the same xact, which is right: they
+# become visible together. One array per column, in _ledger_args' order; the statement's
+# text does not depend on the number of rows, so it is prepared once per connection.
+_SQL_INSERT_SPENDS: Final = (
+    f"INSERT INTO spend_ledger ({_LEDGER_COLUMNS})"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[],"
+    " $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[], $9::bigint[],"
+    " $10::bigint[], $11::jsonb[], $12::text[])"
+    f" ON CONFLICT (request_id) DO NOTHING RETURNING {_LEDGER_COLUMNS}, xact"
+)
+_SQL_GET_SPENDS: Final = (
+    f"SELECT {_LEDGER_COLUMNS}, xact FROM spend_ledger WHERE request_id = ANY($1::text[])"
+)
+# Rows per statement, and statements at once (each holds a pooled connection while it runs;
+# two keep one committing while the next batch forms, and leave the pool to everyone else).
+_LEDGER_BATCH: Final = 256
+_LEDGER_FLUSHES: Final = 2
 
 
 def _sum_spend_sql(scope: str, *, by_user: bool, by_model: bool, as_of: bool) -> str:
@@ -219,8 +239,13 @@ async def _driver_errors(
     try:
         yield
     except _UNAVAILABLE_ERRORS as exc:
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise error(f"postgres unavailable: {detail}") from exc
+        raise _unavailable(exc, error) from exc
+
+
+def _unavailable(exc: BaseException, error: type[Unavailable] = RecordsUnavailable) -> Unavailable:
+    """The ``error`` that reports the connection-level failure ``exc``."""
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return error(f"postgres unavailable: {detail}")
 
 
 def _load_migrations() -> list[tuple[int, str]]:
@@ -297,6 +322,16 @@ class PostgresRecords:
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._secret: bytes | None = None  # never changes once created: read it once
+        self._ledger: Batcher[LedgerEntry, LedgerInsert] = Batcher(
+            self._flush_spends,
+            max_batch=_LEDGER_BATCH,
+            max_in_flight=min(_LEDGER_FLUSHES, max_size),
+        )
+
+    @property
+    def ledger_batcher(self) -> Batcher[LedgerEntry, LedgerInsert]:
+        """The group commit behind :meth:`insert_spend` (its counters: tests and metrics)."""
+        return self._ledger
 
     async def start(self) -> None:
         """Apply pending migrations, then open the pool."""
@@ -314,9 +349,19 @@ class PostgresRecords:
             )
 
     async def close(self) -> None:
-        """Close the pool, terminating connections still busy after ``command_timeout``."""
+        """Close the pool, terminating connections still busy after ``command_timeout``.
+
+        Ledger inserts already queued are flushed first (for up to ``command_timeout``),
+        while the pool is still open: callers waiting for their commit get it, rather than
+        an outage made by the shutdown itself. Whatever is still running after that fails
+        with RecordsUnavailable when the pool closes under it.
+        """
+        if self._pool is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ledger.drain(), self._command_timeout)
         pool, self._pool = self._pool, None
-        if pool is None:
+        if pool is None:  # another close() finished meanwhile
             return
         try:
             await asyncio.wait_for(pool.close(), self._command_timeout)
@@ -462,18 +507,32 @@ class PostgresRecords:
     async def insert_spend(self, entry: LedgerEntry) -> LedgerInsert:
         """Insert a ledger row unless its request_id exists; return the stored row.
 
-        A new row costs one round trip; a duplicate a second one to read the stored row.
+        Answered after the row's commit. Concurrent calls are group-committed (one
+        statement and one commit for the calls that arrive while another flush runs; see
+        :meth:`_flush_spends`); a call made while none runs is flushed at once, alone.
+        """
+        return await self._ledger.submit(entry)
+
+    async def _flush_spends(
+        self, entries: list[LedgerEntry]
+    ) -> Sequence[LedgerInsert | BaseException]:
+        """The ledger batcher's flush: each entry's answer, as one insert_spend would give it.
+
+        A batch of one is inserted the way a lone call always was. A larger batch is one
+        statement (:func:`_insert_batch`); if that statement fails for a reason other than
+        the connection (a negative cost's CHECK, any other value it rejects, a deadlock),
+        the rows are inserted again one at a time, so that only the row at fault gets the
+        error. A connection failure reaches every caller as RecordsUnavailable.
         """
         async with self._connection() as conn:
-            try:
-                row = await conn.fetchrow(_SQL_INSERT_SPEND, *_ledger_args(entry))
-            except pg_errors.CheckViolationError as exc:
-                raise InvalidArgument(f"cost must not be negative, got {entry.cost_nanos}") from exc
-            if row is not None:
-                return LedgerInsert(True, _ledger_from_row(row), row["xact"])
-            # The ledger is append-only, so the conflicting row is still there.
-            existing = _returned(await conn.fetchrow(_SQL_GET_SPEND, entry.request_id))
-        return LedgerInsert(False, _ledger_from_row(existing), existing["xact"])
+            if len(entries) > 1:
+                try:
+                    return await _insert_batch(conn, entries)
+                except pg_errors.PostgresError as exc:
+                    if isinstance(exc, _UNAVAILABLE_ERRORS):
+                        raise
+                    # The statement failed whole and wrote nothing: retry row by row.
+            return await _insert_each(conn, entries)
 
     async def get_spend(self, request_id: str) -> LedgerInsert | None:
         """The ledger row of ``request_id`` and the transaction that wrote it, or None."""
@@ -534,6 +593,82 @@ class PostgresRecords:
         async with self._connection() as conn:
             rows = await conn.fetch(sql, *params)
         return [spend_row(tuple(row), decimal_to_nanos(row["spend"])) for row in rows]
+
+
+async def _insert_one(
+    conn: PoolConnectionProxy[asyncpg.Record], entry: LedgerEntry
+) -> LedgerInsert:
+    """Insert one ledger row unless its request_id exists; the stored row.
+
+    A new row costs one round trip; a duplicate a second one to read the stored row.
+    """
+    try:
+        row = await conn.fetchrow(_SQL_INSERT_SPEND, *_ledger_args(entry))
+    except pg_errors.CheckViolationError as exc:
+        raise InvalidArgument(f"cost must not be negative, got {entry.cost_nanos}") from exc
+    if row is not None:
+        return LedgerInsert(True, _ledger_from_row(row), row["xact"])
+    # The ledger is append-only, so the conflicting row is still there.
+    existing = _returned(await conn.fetchrow(_SQL_GET_SPEND, entry.request_id))
+    return LedgerInsert(False, _ledger_from_row(existing), existing["xact"])
+
+
+async def _insert_each(
+    conn: PoolConnectionProxy[asyncpg.Record], entries: list[LedgerEntry]
+) -> list[LedgerInsert | BaseException]:
+    """:func:`_insert_one` for each entry in order, each in its own transaction.
+
+    Each row's own error is its answer. If the connection fails, the rows before it keep
+    their (committed) answers and the failing row and those after it get RecordsUnavailable,
+    as each would have on its own.
+    """
+    results: list[LedgerInsert | BaseException] = []
+    for entry in entries:
+        try:
+            results.append(await _insert_one(conn, entry))
+        except _UNAVAILABLE_ERRORS as exc:
+            lost = _unavailable(exc)
+            lost.__cause__ = exc
+            return results + [lost] * (len(entries) - len(results))
+        except Exception as exc:  # this row's answer alone (InvalidArgument for a CHECK)
+            results.append(exc)
+    return results
+
+
+async def _insert_batch(
+    conn: PoolConnectionProxy[asyncpg.Record], entries: list[LedgerEntry]
+) -> list[LedgerInsert]:
+    """Insert ``entries`` in one statement (one transaction); each entry's answer.
+
+    A request_id that comes twice in the batch is inserted for its first entry only; the
+    later ones are answered with the stored row, as if they had come after it. A row the
+    statement did not insert conflicted with a committed row (ON CONFLICT waits for a
+    concurrent writer's commit), which a second statement reads, as :func:`_insert_one`.
+    """
+    firsts: dict[str, LedgerEntry] = {}
+    for entry in entries:
+        firsts.setdefault(entry.request_id, entry)
+    # Every batch writes its rows in request_id order, so two batches that share ids (a
+    # retry racing its original, here or on another replica) wait on each other's rows in
+    # the same order rather than deadlock. (Should one deadlock anyway, the statement fails
+    # whole and _flush_spends retries its rows one at a time.)
+    rows = sorted(firsts.values(), key=lambda entry: entry.request_id)
+    columns = [list(column) for column in zip(*map(_ledger_args, rows), strict=True)]
+    inserted = {row["request_id"]: row for row in await conn.fetch(_SQL_INSERT_SPENDS, *columns)}
+    stored = dict(inserted)
+    conflicts = [request_id for request_id in firsts if request_id not in inserted]
+    if conflicts:  # the ledger is append-only, so the conflicting rows are still there
+        stored.update(
+            {row["request_id"]: row for row in await conn.fetch(_SQL_GET_SPENDS, conflicts)}
+        )
+    results: list[LedgerInsert] = []
+    answered: set[str] = set()
+    for entry in entries:
+        row = _returned(stored.get(entry.request_id))
+        new = entry.request_id in inserted and entry.request_id not in answered
+        answered.add(entry.request_id)
+        results.append(LedgerInsert(new, _ledger_from_row(row), row["xact"]))
+    return results
 
 
 def _returned(row: asyncpg.Record | None) -> asyncpg.Record:
