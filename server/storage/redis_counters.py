@@ -2,6 +2,8 @@
 
 Each operation is one EVALSHA of a Lua script in ``server/storage/lua/`` (KEYS and ARGV are
 written at the top of each), so a decision is one atomic step however many replicas run.
+On a single node, concurrent script calls share pipelines
+(:class:`~server.storage.redis_pipeline.ScriptBatcher`); each script stays atomic on its own.
 The semantics are those of :mod:`server.storage.memory_counters`, and the same contract
 tests run against both.
 
@@ -56,11 +58,12 @@ from server.storage.memory_counters import (
 )
 from server.storage.memory_limiters import check_rates, now_ms
 from server.storage.redis_keys import TeamKeys, delete_matching
+from server.storage.redis_pipeline import ScriptBatcher
 
 # A decision must not hang on a dead Redis: fail fast into Unavailable.
 _SOCKET_TIMEOUT = 2.0
-# Connections per Redis node; pipelining-free Lua calls take ~0.1 ms, so 64 in flight keep a
-# 2-core budgetd saturated.
+# Connections per Redis node; Lua calls take ~0.1 ms, so 64 in flight keep a 2-core budgetd
+# saturated (on a single node, concurrent script calls share a few pipelines besides).
 _MAX_CONNECTIONS = 64
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # An epoch outlives any rebuild in flight by far; then it may go (missing reads as "").
@@ -178,6 +181,13 @@ class RedisCounters:
         self._prefix = prefix
         self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._batcher: ScriptBatcher | None = None
+
+    @property
+    def script_batcher(self) -> ScriptBatcher | None:
+        """What batches script calls into pipelines (its counts are for tests and metrics);
+        None on a cluster or before :meth:`start`."""
+        return self._batcher
 
     async def start(self) -> None:
         """Connect and register the scripts; raises Unavailable when Redis cannot be reached.
@@ -207,6 +217,10 @@ class RedisCounters:
             )
             client = Redis.from_pool(pool)
         self._client = client
+        # Concurrent script calls go out as shared pipelines on a single node only. A
+        # RedisCluster pipeline is split per slot and node, and concurrent calls for different
+        # teams hash to different slots, so on a cluster each call keeps its own EVALSHA.
+        self._batcher = None if isinstance(client, RedisCluster) else ScriptBatcher(client)
         # register_script only computes the SHA: the first EVALSHA that meets NOSCRIPT (a new
         # server, SCRIPT FLUSH, a restart) loads the script and retries.
         self._scripts = {
@@ -220,8 +234,11 @@ class RedisCounters:
                 await client.ping()
 
     async def close(self) -> None:
-        """Close the connections."""
+        """Close the connections, once the pipelines in flight are done."""
         client, self._client = self._client, None
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await batcher.aclose()
         if client is not None:
             await client.aclose()
 
@@ -482,7 +499,14 @@ class RedisCounters:
         return self._client
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any:
-        """EVALSHA a script (reloading it on NOSCRIPT), translating outages."""
+        """EVALSHA a script (reloading it on NOSCRIPT), translating outages.
+
+        On a single node the call may share a pipeline with concurrent ones; an outage of
+        that pipeline is then raised (as Unavailable) to each of its callers.
+        """
         client = self._require_client()
+        script = self._scripts[name]
         with _unavailable():
-            return await self._scripts[name](keys=keys, args=args, client=client)
+            if self._batcher is not None:
+                return await self._batcher.call(script, keys, args)
+            return await script(keys=keys, args=args, client=client)
