@@ -7,7 +7,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +26,6 @@ from server.envoy.ext_proc import EnvoySpend
 from server.errors import Unavailable
 from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
-from server.jwt_auth import JwtVerifier
 from server.metrics import Metrics, MetricsServer
 from server.principals import Principals
 from server.reports import SpendReports
@@ -36,10 +35,9 @@ from server.storage.cached_records import CachedRecords
 from server.storage.failover_counters import FailoverCounters
 from server.storage.leasing import LeasingCounters
 from server.storage.memory_counters import MemoryCounters
-from server.storage.postgres import PostgresRecords
-from server.storage.postgres_counters import PostgresCounters
-from server.storage.redis_counters import RedisCounters
-from server.storage.sqlite import SqliteRecords
+
+if TYPE_CHECKING:
+    from server.jwt_auth import JwtVerifier
 
 log = logging.getLogger("budgetd")
 
@@ -66,9 +64,14 @@ def make_stores(settings: Settings) -> Stores:
     ``spool``, and a spool keeps acknowledged spend on disk meanwhile. With Postgres and
     Redis and ``redis_down: postgres``, counters fall back to the exact Postgres path while
     Redis is down.
+
+    Each backend's module (and its driver: asyncpg, redis-py, sqlite3) is imported only when
+    the settings use it, so a start loads only what it serves with.
     """
     spool = None
     if settings.database_url:
+        from server.storage.postgres import PostgresRecords  # noqa: PLC0415
+
         riding_out = settings.postgres_down == "spool"
         records: RecordStore = CachedRecords(
             PostgresRecords(settings.database_url),
@@ -78,6 +81,8 @@ def make_stores(settings: Settings) -> Stores:
         spool = Spool(settings.spool_path) if riding_out else None
         where = f"postgres (postgres_down: {settings.postgres_down})"
     else:
+        from server.storage.sqlite import SqliteRecords  # noqa: PLC0415
+
         # One process owns the file and writes through this cache, so it is never stale;
         # it keeps SQLite's thread hops off the decision path.
         records = CachedRecords(
@@ -87,10 +92,16 @@ def make_stores(settings: Settings) -> Stores:
         )
         where = f"sqlite at {settings.data_dir / SQLITE_FILE}"
     if settings.redis_url:
+        from server.storage.redis_counters import RedisCounters  # noqa: PLC0415
+
         redis = RedisCounters(settings.redis_url, cluster=settings.redis_cluster)
         counters: CounterStore = redis
         if settings.database_url and settings.redis_down == "postgres":
-            counters = FailoverCounters(redis, PostgresCounters(settings.database_url))
+            from server.storage.postgres_counters import PostgresCounters  # noqa: PLC0415
+
+            # The record store (same database) applies the migrations in the same start.
+            exact = PostgresCounters(settings.database_url, apply_migrations=False)
+            counters = FailoverCounters(redis, exact)
         where += f" + redis counters (redis_down: {settings.redis_down})"
         if settings.lease_seconds > 0:
             counters = LeasingCounters(counters, lease_seconds=settings.lease_seconds)
@@ -145,12 +156,13 @@ class BudgetdServer:
     async def start(self) -> int:
         """Open storage (migrating it), bind, serve; returns the bound port."""
         settings = self._settings
-        await self._stores.records.start()
-        await self._stores.counters.start()
-        codec = ReservationCodec(await self._stores.records.instance_secret())
+        codec = ReservationCodec(await self._open_stores())
         tz: tzinfo = settings.tzinfo
         spool = self._stores.spool
         if settings.jwt.enabled:
+            # PyJWT, cryptography and aiohttp are loaded only when JWTs are accepted.
+            from server.jwt_auth import JwtVerifier  # noqa: PLC0415
+
             self._jwt = JwtVerifier(settings.jwt, clock=self._clock)
             await self._jwt.start()
         principals = Principals(
@@ -228,6 +240,28 @@ class BudgetdServer:
             self._stores.description,
         )
         return self.port
+
+    async def _open_stores(self) -> bytes:
+        """Start the record and counter stores (each migrates and connects) side by side, so
+        their round trips overlap; returns the instance secret.
+
+        When both fail, the record store's error is the one raised, as when they started one
+        after the other; either way both have finished starting (or failing) by then.
+        """
+        records, counters = self._stores.records, self._stores.counters
+
+        async def open_records() -> bytes:
+            await records.start()
+            return await records.instance_secret()
+
+        secret, started = await asyncio.gather(
+            open_records(), counters.start(), return_exceptions=True
+        )
+        for outcome in (secret, started):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(secret, bytes)
+        return secret
 
     async def wait(self) -> None:
         if self._server is not None:

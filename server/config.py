@@ -71,8 +71,8 @@ from server.config_model import (
     type_at,
 )
 from server.errors import ConfigError
-from server.jwt_auth import DEFAULT_ALGORITHMS as DEFAULT_JWT_ALGORITHMS
-from server.jwt_auth import HMAC_KEY_BYTES, describe_key, key_fits, load_public_key_pem
+from server.jwt_types import DEFAULT_ALGORITHMS as DEFAULT_JWT_ALGORITHMS
+from server.jwt_types import HMAC_KEY_BYTES
 from server.rules import Enforcement
 from server.windows import Duration, parse_duration
 
@@ -712,6 +712,9 @@ class _Resolver:
     def check_jwt_keys(self, jwt: JwtSettings, enabled: bool) -> None:
         """enable_jwt_auth needs a key source; a PEM key must fit an allowed algorithm."""
         if jwt.public_key_pem is not None:
+            # Only a configured key loads cryptography (server.jwt_auth), not every start.
+            from server.jwt_auth import describe_key, key_fits, load_public_key_pem  # noqa: PLC0415
+
             key = load_public_key_pem(jwt.public_key_pem)  # checked by the model
             if not any(key_fits(name, key) for name in jwt.algorithms):
                 self.problem(

@@ -26,11 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
-from server.jwt_auth import (
-    HMAC_MIN_SECRET_BYTES,
-    SUPPORTED_ALGORITHMS,
-    load_public_key_pem,
-)
+from server.jwt_types import HMAC_MIN_SECRET_BYTES, SUPPORTED_ALGORITHMS
 from server.money import MoneyError, usd_to_nanos
 from server.rules import Enforcement
 from server.windows import DurationError, parse_duration
@@ -394,6 +390,9 @@ def parse_jwt_algorithms(value: object) -> tuple[str, ...]:
 def parse_jwt_public_key(value: object) -> str:
     """A PEM public key (or certificate) that verifies JWTs: RSA >= 2048 bits, EC, EdDSA."""
     text = parse_text(value)
+    # Only a configured key loads cryptography (server.jwt_auth), not every start.
+    from server.jwt_auth import load_public_key_pem  # noqa: PLC0415
+
     load_public_key_pem(text)  # raises ValueError saying what is wrong
     if "\n" not in text and "\\n" in text:
         text = text.replace("\\n", "\n")  # one-line PEM from an environment variable

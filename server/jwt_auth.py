@@ -28,6 +28,11 @@ without ``exp`` is accepted, as LiteLLM does: the identity provider decides whet
 expire. ``aud`` and ``iss`` are checked only when an audience / issuer is configured.
 
 Every problem with a token is a :class:`JwtInvalid` whose message says what is wrong.
+
+The algorithm names, :class:`JwtIdentity` and :class:`JwtInvalid` live in
+:mod:`server.jwt_types` (re-exported here), so that the config checks and the principals
+need not import this module: PyJWT, cryptography and aiohttp are loaded only when JWT
+authentication is configured.
 """
 
 from __future__ import annotations
@@ -50,6 +55,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.types import Options
 
 from server.clock import Clock
+from server.jwt_types import (
+    ASYMMETRIC_ALGORITHMS,
+    DEFAULT_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    HMAC_KEY_BYTES,
+    HMAC_MIN_SECRET_BYTES,
+    RSA_ALGORITHMS,
+    SUPPORTED_ALGORITHMS,
+    JwtIdentity,
+    JwtInvalid,
+)
 
 if TYPE_CHECKING:
     from server.config import JwtSettings
@@ -58,6 +74,7 @@ __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "DEFAULT_ALGORITHMS",
     "HMAC_ALGORITHMS",
+    "HMAC_KEY_BYTES",
     "HMAC_MIN_SECRET_BYTES",
     "SUPPORTED_ALGORITHMS",
     "JwtIdentity",
@@ -71,19 +88,11 @@ __all__ = [
 
 log = logging.getLogger("budgetd.jwt")
 
-RSA_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-# The curve each ECDSA algorithm is defined on (RFC 7518 §3.4, RFC 8812 for ES256K).
+# The curve each ECDSA algorithm is defined on (RFC 7518 §3.4, RFC 8812 for ES256K); its keys
+# are server.jwt_types.EC_ALGORITHMS.
 EC_CURVES: Final[Mapping[str, type[ec.EllipticCurve]]] = MappingProxyType(
     {"ES256": ec.SECP256R1, "ES256K": ec.SECP256K1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 )
-# RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
-HMAC_KEY_BYTES: Final[Mapping[str, int]] = MappingProxyType({"HS256": 32, "HS384": 48, "HS512": 64})
-HMAC_ALGORITHMS: Final = tuple(HMAC_KEY_BYTES)
-HMAC_MIN_SECRET_BYTES: Final = min(HMAC_KEY_BYTES.values())
-ASYMMETRIC_ALGORITHMS: Final = (*RSA_ALGORITHMS, *EC_CURVES, "EdDSA")
-SUPPORTED_ALGORITHMS: Final = (*ASYMMETRIC_ALGORITHMS, *HMAC_ALGORITHMS)
-# The allow-list when none is configured: every asymmetric algorithm in common use.
-DEFAULT_ALGORITHMS: Final = (*RSA_ALGORITHMS, "ES256", "ES384", "ES512", "EdDSA")
 
 PublicKey: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -108,19 +117,6 @@ MAX_JWKS_BYTES: Final = 1024 * 1024
 DEFAULT_REFETCH_INTERVAL: Final = 5.0
 DEFAULT_FETCH_TIMEOUT: Final = 5.0
 PEM_SOURCE: Final = "budgetd.jwt_public_key"
-
-
-class JwtInvalid(Exception):
-    """The token cannot be accepted; the message says why (it is shown to the caller)."""
-
-
-@dataclass(frozen=True, slots=True)
-class JwtIdentity:
-    """Who a verified token speaks for."""
-
-    team_id: str  # "" when the token names no team (and there is no team_id_default)
-    user_id: str  # "" when the token names no user
-    claims: Mapping[str, Any]  # every claim of the verified token, read-only
 
 
 # --------------------------------------------------------------------------------------------

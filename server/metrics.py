@@ -11,8 +11,8 @@ run by :meth:`Metrics.before_scrape`; everything else here is counted as it happ
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,12 +20,18 @@ from server.authority import Decision, SpendResult
 from server.budget_metrics import SpendTotals, backend_of
 from server.errors import BudgetdError, Unavailable
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 
 class Metrics:
     """budgetd's own counters, in a registry of their own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The labelled children the decision path counts into, looked up once each.
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
         self.decisions = Counter(
             "budgetd_decisions",
             "CheckBudget answers by outcome, denial reason and the scope (key, team) that decided",
@@ -81,9 +87,20 @@ class Metrics:
     def decision(self, decision: Decision) -> None:
         outcome = "allowed" if decision.allowed else "denied"
         scope = decision.scope.value if decision.scope else ""
-        self.decisions.labels(outcome, decision.reason.value, scope).inc()
+        labels = (outcome, decision.reason.value, scope)
+        child = self._decision_children.get(labels)
+        if child is None:  # prometheus' labels() locks and checks: done once per label set
+            child = self._decision_children[labels] = self.decisions.labels(*labels)
+        child.inc()
         if decision.soft_budget_exceeded:
             self.soft_budget.labels(decision.team_id).inc()
+
+    def observe_latency(self, rpc: str, seconds: float) -> None:
+        """One answer of ``rpc`` into the latency histogram."""
+        child = self._latency_children.get(rpc)
+        if child is None:
+            child = self._latency_children[rpc] = self.latency.labels(rpc)
+        child.observe(seconds)
 
     def spend(self, result: SpendResult) -> None:
         """Count a RecordSpend; only an applied one (not a duplicate) adds to the team's spend."""
@@ -129,6 +146,10 @@ class MetricsServer:
         self.healthy = False
 
     async def start(self) -> int:
+        # aiohttp is loaded by the first MetricsServer, not by every importer of Metrics:
+        # a start with metrics off (or a process that only counts) never pays for it.
+        from aiohttp import web  # noqa: PLC0415
+
         app = web.Application()
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/healthz", self._serve_health)
@@ -149,12 +170,16 @@ class MetricsServer:
             self._runner = None
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
+        from aiohttp import web  # noqa: PLC0415 - loaded by start()
+
         await self._metrics.before_scrape()
         return web.Response(
             body=self._metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def _serve_health(self, _: web.Request) -> web.Response:
+        from aiohttp import web  # noqa: PLC0415 - loaded by start()
+
         if self.healthy:
             return web.Response(text="ok\n")
         return web.Response(status=503, text="shutting down\n")

@@ -18,7 +18,7 @@ from server.config import DefaultTeamSettings
 from server.decision import CheckRequest, Decision, Reason, refusal
 from server.errors import InvalidArgument
 from server.identity import hash_api_key
-from server.jwt_auth import JwtIdentity, JwtInvalid
+from server.jwt_types import JwtIdentity, JwtInvalid
 from server.scopes import Principal
 from server.storage.base import KeyRecord, RecordStore, ScopeKind, TeamRecord
 

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from server.errors import Unavailable
 from server.rules import Enforcement
@@ -43,8 +43,10 @@ from server.storage.base import (
     ScopeBudget,
     SettleResult,
 )
-from server.storage.postgres_counters import PostgresCounters
-from server.storage.redis_counters import RedisCounters
+
+if TYPE_CHECKING:
+    from server.storage.postgres_counters import PostgresCounters
+    from server.storage.redis_counters import RedisCounters
 
 log = logging.getLogger("budgetd.counters")
 T = TypeVar("T")

@@ -87,24 +87,35 @@ class PostgresCounters:
     """A :class:`~server.storage.base.CounterStore` derived from the ledger, in Postgres.
 
     Its own small pool (no connection is opened until one is needed, so a replica that
-    never falls back to it holds none); ``start()`` applies pending migrations.
+    never falls back to it holds none); ``start()`` applies pending migrations, unless
+    ``apply_migrations`` is false: when the record store of the same database applies them
+    in the same start (budgetd's server does), a second pass would only cost a connection.
     """
 
-    def __init__(self, dsn: str, *, max_size: int = 10, command_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_size: int = 10,
+        command_timeout: float = 5.0,
+        apply_migrations: bool = True,
+    ) -> None:
         self._dsn = dsn
+        self._apply_migrations = apply_migrations
         self._max_size = max_size
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._limiters = RateLimiters()  # this replica's own: see the module docstring
 
     async def start(self) -> None:
-        """Apply pending migrations (budget_holds), then create the pool."""
+        """Apply pending migrations (budget_holds) unless told not to, then create the pool."""
         if self._pool is not None:
             return
-        try:
-            await migrate(self._dsn)
-        except RecordsUnavailable as exc:  # the counters' outage, not the record store's
-            raise Unavailable(str(exc)) from exc
+        if self._apply_migrations:
+            try:
+                await migrate(self._dsn)
+            except RecordsUnavailable as exc:  # the counters' outage, not the record store's
+                raise Unavailable(str(exc)) from exc
         async with _driver_errors(Unavailable):
             self._pool = await asyncpg.create_pool(
                 self._dsn,
