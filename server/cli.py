@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -15,8 +16,6 @@ from server.app import SQLITE_FILE, BudgetdServer, split_address
 from server.config import Settings, load_settings
 from server.errors import BudgetdError, ConfigError
 from server.logging_setup import configure as configure_logging
-from server.storage.postgres import migrate as migrate_postgres
-from server.storage.sqlite import SqliteRecords
 from server.workers import check_workers, supervise, worker_settings
 
 if TYPE_CHECKING:
@@ -159,10 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.close()
 
 
+def _settle_heap() -> None:
+    """Move what start-up allocated (modules, protos, config) out of the collector's way.
+
+    Everything alive once serving is kept for the life of the process; frozen, the cyclic
+    collector never scans it again, so its full collections stay short instead of pausing
+    every request for tens of milliseconds now and then.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve(settings: Settings, *, reuse_port: bool = False) -> int:
     stop = _stop_on_signals()
     server = BudgetdServer(settings, reuse_port=reuse_port)
     await server.start()
+    _settle_heap()
     _started(settings, server)
     await stop.wait()
     _stopping()
@@ -174,6 +185,8 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> int:
 async def _serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
     """Migrate once, then run the workers (each its own ``budgetd serve``)."""
     assert settings.database_url  # check_workers
+    from server.storage.postgres import migrate as migrate_postgres  # noqa: PLC0415
+
     await migrate_postgres(settings.database_url)
     return await supervise(argv, workers)
 
@@ -268,10 +281,15 @@ def _local_target(settings: Settings, port: int) -> str:
 
 
 async def _migrate(settings: Settings) -> int:
+    # Each store's module (and its driver) is imported only by the command that uses it.
     if settings.database_url:
+        from server.storage.postgres import migrate as migrate_postgres  # noqa: PLC0415
+
         applied = await migrate_postgres(settings.database_url)
         where = "postgres"
     else:
+        from server.storage.sqlite import SqliteRecords  # noqa: PLC0415
+
         store = SqliteRecords(settings.data_dir / SQLITE_FILE)
         await store.start()
         applied = list(store.applied_migrations)
