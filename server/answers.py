@@ -159,3 +159,25 @@ def decision(
         soft_budget_exceeded=soft,
         rate=rate,
     )
+
+
+def admitted(template: Decision, reservation_id: str, reserved: int) -> Decision:
+    """The allow of one hot-path request: ``template`` with its reservation and estimate."""
+    t = template
+    return Decision(
+        allowed=True,
+        team_id=t.team_id,
+        key_id=t.key_id,
+        key_alias=t.key_alias,
+        scope=t.scope,
+        spend_nanos=t.spend_nanos,
+        max_budget_nanos=t.max_budget_nanos,
+        remaining_nanos=t.remaining_nanos,
+        budget_reset_at=t.budget_reset_at,
+        reservation_id=reservation_id,
+        reserved_nanos=reserved,
+        user_id=t.user_id,
+        model=t.model,
+        soft_budget_exceeded=t.soft_budget_exceeded,
+        template=t,
+    )

@@ -67,6 +67,7 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
         self._master_key = master_key
         self._metrics = metrics
         self._reports = reports
+        self._wire = WireDecisions()
 
     async def CheckBudget(
         self, request: pb.CheckBudgetRequest, context: Context
@@ -85,7 +86,7 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
         decision, seconds = await self._decide(context, "CheckBudget", req.request_id, call)
         self._metrics.decision(decision)
         request_log.decision("CheckBudget", req.request_id, decision, seconds)
-        return decision_to_pb(decision)
+        return self._wire.convert(decision)
 
     async def RecordSpend(
         self, request: pb.RecordSpendRequest, context: Context
@@ -98,7 +99,8 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             model=request.model,
             prompt_tokens=request.prompt_tokens,
             completion_tokens=request.completion_tokens,
-            metadata=json_format.MessageToDict(request.metadata),
+            # Most spends carry no metadata: skip the (slow, pure-Python) conversion then.
+            metadata=json_format.MessageToDict(request.metadata) if request.metadata.fields else {},
         )
         call = self._authority.record(req)
         result, seconds = await self._decide(context, "RecordSpend", req.request_id, call)
@@ -292,12 +294,12 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
             answer = await call
         except BudgetdError as exc:
             seconds = time.perf_counter() - started
-            self._metrics.latency.labels(rpc).observe(seconds)
+            self._metrics.observe_latency(rpc, seconds)
             self._metrics.failure(exc)
             request_log.failure(rpc, request_id, exc, seconds)
             await _abort(context, exc)
         seconds = time.perf_counter() - started
-        self._metrics.latency.labels(rpc).observe(seconds)
+        self._metrics.observe_latency(rpc, seconds)
         return answer, seconds
 
     async def _guard(self, context: Context, call: Awaitable[T]) -> T:
@@ -406,6 +408,35 @@ def member_to_pb(view: MemberView) -> pb.TeamMember:
         budget_reset_at=_ts(view.budget_reset_at),
         created_at=_ts(member.created_at),
     )
+
+
+class WireDecisions:
+    """:func:`decision_to_pb`, converting a hot-path template once (server.hot).
+
+    Allows from the hot path differ from their template only in ``reservation_id`` and
+    ``reserved``: the template's message is kept (bounded) and copied for each answer.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        # id(template) -> (template, its wire form); holding the template keeps its id unique.
+        self._templates: dict[int, tuple[Decision, pb.CheckBudgetResponse]] = {}
+        self._capacity = capacity
+
+    def convert(self, decision: Decision) -> pb.CheckBudgetResponse:
+        template = decision.template
+        if template is None:
+            return decision_to_pb(decision)
+        cached = self._templates.get(id(template))
+        if cached is None or cached[0] is not template:
+            cached = (template, decision_to_pb(template))
+            self._templates[id(template)] = cached
+            if len(self._templates) > self._capacity:
+                del self._templates[next(iter(self._templates))]  # the oldest
+        answer = pb.CheckBudgetResponse()
+        answer.CopyFrom(cached[1])
+        answer.reservation_id = decision.reservation_id
+        answer.reserved = nanos_to_usd(decision.reserved_nanos)
+        return answer
 
 
 def decision_to_pb(decision: Decision) -> pb.CheckBudgetResponse:

@@ -26,6 +26,7 @@ from server.errors import (
     RecordsUnavailable,
     Unavailable,
 )
+from server.hot import HotAnswers, HotKey
 from server.identity import ReservationCodec, hash_api_key
 from server.ledger_sync import read_states, rebuild, start_from_zero
 from server.money import budget_exceeded_message, nanos_to_usd
@@ -47,6 +48,8 @@ from server.storage.base import (
     ReserveStatus,
     ScopeBudget,
 )
+from server.storage.cached_records import CachedRecords
+from server.storage.leasing import LeasingCounters, lease_key
 from server.windows import WindowCache
 
 __all__ = [
@@ -99,6 +102,11 @@ class Authority:
         self._spool = spool
         self.principals = principals if principals is not None else Principals(records)
         self._windows = WindowCache()
+        # The hot path needs the record cache (to know how long what it derived is fresh)
+        # and leases (to admit without the store); without them every check is full.
+        self._cached = records if isinstance(records, CachedRecords) else None
+        self._leasing = counters if isinstance(counters, LeasingCounters) else None
+        self._hot = HotAnswers() if self._cached and self._leasing else None
         self.settler = Settler(records, counters, clock, tz, self.principals)
 
     async def check(self, req: CheckRequest) -> Decision:
@@ -107,6 +115,12 @@ class Authority:
         estimate = self._estimate(req)
         tokens = _estimated_tokens(req)
         validation.text(req.request_id, "request_id")
+        hot_key = self._hot_key(req)
+        if hot_key is not None:
+            hot = self._hot_answer(hot_key, now, estimate, tokens)
+            if hot is not None:
+                return hot
+        writes = self._cached.writes if self._cached is not None else 0
         who = await self.principals.resolve(req, now)
         if isinstance(who, Decision):
             return who
@@ -118,6 +132,8 @@ class Authority:
             RateCharge(limit, 1 if limit.unit is RateUnit.REQUESTS else tokens)
             for limit in rate_limits(who)
         ]
+        if hot_key is not None and not rates:
+            self._remember_hot(hot_key, who, scopes, writes)
         reservation_id = self._codec.encode(
             who.team.team_id, who.key_id, now, user_id=who.user_id, estimated_tokens=tokens
         )
@@ -185,6 +201,50 @@ class Authority:
         return await self._counters.release(ref.team_id, reservation_id, self._clock.now())
 
     # -- check helpers ------------------------------------------------------------------
+
+    def _hot_key(self, req: CheckRequest) -> HotKey | None:
+        """The hot-path identity of an API-key request, or None (no hot path for it)."""
+        if self._hot is None or not req.api_key or len(req.api_key) > validation.MAX_TEXT:
+            return None
+        return (hash_api_key(req.api_key), req.model, req.user_id)
+
+    def _hot_answer(self, key: HotKey, now: float, estimate: int, tokens: int) -> Decision | None:
+        """An allow from the key's hot entry and this replica's lease, or None: the full path
+        decides (see :mod:`server.hot` for when an entry may be used)."""
+        assert self._hot is not None and self._cached is not None and self._leasing is not None
+        entry = self._hot.get(key)
+        if entry is None or not entry.covers(now) or not self._cached.still_fresh(entry.freshness):
+            return None
+        who = entry.who
+        team_id = who.team.team_id
+        reservation_id = self._codec.encode(
+            team_id, who.key_id, now, user_id=who.user_id, estimated_tokens=tokens
+        )
+        states = self._leasing.admit_local(
+            team_id, entry.lease_key, estimate, reservation_id, now + self._ttl, now
+        )
+        if states is None:
+            return None
+        template = entry.template
+        if template is None or entry.states is not states:
+            # A new lease (or the first hot answer): the shape of its answers, worked out once.
+            scopes = entry.scopes
+            index = tightest(scopes, states)
+            soft = answers.soft_budget_exceeded(who, scopes, states)
+            template = answers.decision(True, who, scopes[index], states[index], now, soft=soft)
+            entry.template, entry.states = template, states
+        return answers.admitted(template, reservation_id, estimate)
+
+    def _remember_hot(
+        self, key: HotKey, who: Principal, scopes: list[ScopeBudget], writes: int
+    ) -> None:
+        """Keep what this full decision derived for the key's next requests (server.hot),
+        unless a record was written while it was being resolved."""
+        assert self._hot is not None and self._cached is not None
+        freshness = self._cached.freshness(key[0], who.team.team_id, who.user_id)
+        if freshness is None or freshness.writes != writes:
+            return
+        self._hot.remember(key, who, scopes, lease_key(scopes, self._enforcement), freshness)
 
     def _estimate(self, req: CheckRequest) -> int:
         validation.text(req.model, "model")

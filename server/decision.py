@@ -66,6 +66,9 @@ class Decision:
     model: str = ""  # the model of a per-model budget scope
     soft_budget_exceeded: bool = False
     rate: RateState | None = None  # the tightest (or the denying) rate limit
+    # An allow from the hot path (server.hot) is its entry's template with this request's
+    # reservation_id and reserved_nanos: faces may convert the template once and reuse it.
+    template: Decision | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import os
 import secrets
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ class ReservationCodec:
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
+        # Nonces: a random prefix per codec (per process) and a counter, so ids never repeat
+        # without a system call for randomness on every decision.
+        self._nonce_prefix = os.urandom(6).hex()
+        self._serial = itertools.count()
 
     def encode(
         self,
@@ -100,7 +105,7 @@ class ReservationCodec:
             team_id,
             key_id,
             str(int(admitted_at * 1000)),
-            os.urandom(8).hex(),
+            f"{self._nonce_prefix}{next(self._serial):x}",
             user_id,
             str(estimated_tokens),
         )

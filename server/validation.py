@@ -105,6 +105,8 @@ def models(values: Iterable[str], field: str = "models") -> tuple[str, ...]:
 
 def metadata(value: Mapping[str, Any], field: str = "metadata") -> dict[str, Any]:
     out = dict(value)
+    if not out:
+        return out
     size = len(json.dumps(out, default=str))
     if size > MAX_METADATA_BYTES:
         raise InvalidArgument(f"{field} is larger than {MAX_METADATA_BYTES} bytes ({size})")

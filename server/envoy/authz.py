@@ -35,6 +35,8 @@ from server.authority import Authority, CheckRequest, Decision
 from server.config import Settings
 from server.denials import (
     ALLOW_HEADERS,
+    HEADER_RESERVATION_ID,
+    HEADER_RESERVED,
     HttpDenial,
     RateHeaders,
     allow_headers,
@@ -43,7 +45,7 @@ from server.denials import (
     split_credential,
 )
 from server.envoy.openai import BodyError, RequestFacts, parse_request
-from server.envoy.wire import header_values, set_headers
+from server.envoy.wire import header_text, header_values, set_headers
 from server.errors import BudgetdError, grpc_code
 from server.identity import bearer_token
 from server.metrics import Metrics
@@ -63,6 +65,7 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         self._authority = authority
         self._settings = settings
         self._metrics = metrics
+        self._allows = AllowAnswers()
 
     async def Check(self, request: Any, context: Context) -> Any:
         """One ext_authz question; a denial is a normal answer, an outage an error status."""
@@ -98,7 +101,7 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         self._metrics.decision(decision)
         request_log.decision("EnvoyCheck", req.request_id, decision, time.perf_counter() - started)
         if decision.allowed:
-            return _allowed(decision, facts, used)
+            return self._allows.convert(decision, facts, used)
         denial = http_denial(
             decision.reason.value,
             decision.message,
@@ -178,6 +181,53 @@ def _allowed(decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
     )
     response.status.code = grpc.StatusCode.OK.value[0]
     return response
+
+
+class AllowAnswers:
+    """:func:`_allowed`, building the answer of a hot-path template once (server.hot).
+
+    A hot-path allow differs from its template only in its reservation id and estimate: the
+    template's CheckResponse (per model and key-carrying headers) is kept, bounded, and each
+    answer is a copy with those two values put in (headers and dynamic metadata), the same
+    bytes :func:`_allowed` would build.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        # (id(template), model, carriers) -> (template, response, index of the reservation
+        # header, index of the reserved header); holding the template keeps its id unique.
+        self._answers: dict[tuple[int, str, tuple[str, ...]], tuple[Decision, Any, int, int]] = {}
+        self._capacity = capacity
+
+    def convert(self, decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
+        template = decision.template
+        if template is None:
+            return _allowed(decision, facts, used)
+        key = (id(template), facts.model, tuple(used))
+        cached = self._answers.get(key)
+        if cached is None or cached[0] is not template:
+            response = _allowed(template, facts, used)
+            names = [option.header.key for option in response.ok_response.headers]
+            cached = (
+                template,
+                response,
+                names.index(HEADER_RESERVATION_ID),
+                names.index(HEADER_RESERVED),
+            )
+            self._answers[key] = cached
+            if len(self._answers) > self._capacity:
+                del self._answers[next(iter(self._answers))]  # the oldest
+        _, base, reservation_at, reserved_at = cached
+        answer = auth_pb.CheckResponse()
+        answer.CopyFrom(base)
+        reserved = nanos_to_usd(decision.reserved_nanos)
+        headers = answer.ok_response.headers
+        headers[reservation_at].header.value = header_text(decision.reservation_id)
+        headers[reserved_at].header.value = repr(reserved)
+        metadata = answer.dynamic_metadata
+        if decision.reservation_id:
+            metadata["reservation_id"] = decision.reservation_id
+        metadata["reserved_usd"] = reserved
+        return answer
 
 
 def _denied(denial: HttpDenial, metadata: dict[str, Any]) -> Any:

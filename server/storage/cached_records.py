@@ -61,6 +61,15 @@ Cached = KeyRecord | TeamRecord | MemberRecord
 
 
 @dataclass(frozen=True, slots=True)
+class Freshness:
+    """Until when some cached entries stay fresh: ``until`` on the cache's clock, and only
+    while no write has gone through this cache since (``writes``)."""
+
+    until: float
+    writes: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Entry:
     value: Cached | None
     fetched_at: float
@@ -113,6 +122,35 @@ class CachedRecords:
         )
         assert found is None or isinstance(found, MemberRecord)
         return found
+
+    @property
+    def writes(self) -> int:
+        """How many writes went through this cache (read it before resolving records whose
+        :meth:`freshness` you will ask for: a write in between makes them suspect)."""
+        return self._writes
+
+    def freshness(self, key_hash: str, team_id: str, user_id: str = "") -> Freshness | None:
+        """How long the cached key (by hash), its team and, with ``user_id``, the membership
+        read by the last decision stay fresh; None when one of them is not cached.
+
+        Callers that derive something from these records (:mod:`server.hot`) may use it
+        while :meth:`still_fresh` says so: exactly as long as the reads would be answered
+        from this cache without asking the store.
+        """
+        slots: list[Slot] = [(_HASH, key_hash), (_TEAM, team_id)]
+        if user_id:
+            slots.append((_MEMBER, team_id, user_id))
+        oldest = float("inf")
+        for slot in slots:
+            entry = self._entries.get(slot)
+            if entry is None:
+                return None
+            oldest = min(oldest, entry.fetched_at)
+        return Freshness(oldest + self._ttl, self._writes)
+
+    def still_fresh(self, freshness: Freshness) -> bool:
+        """True while entries judged by :meth:`freshness` would still be served as cached."""
+        return freshness.writes == self._writes and self._clock() < freshness.until
 
     async def _read(
         self, slot: Slot, fetch: Callable[[], Awaitable[Cached | None]]

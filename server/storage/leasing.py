@@ -86,7 +86,15 @@ def _fits(lease: _Lease, amount: int, now: float) -> bool:
     return room is None or (room > 0 and amount <= room)
 
 
-_Key = tuple[str, tuple[tuple[str, int | None], ...]]  # (mode, (counter id, limit) per scope)
+# A scope set's identity: (mode, (counter id, limit) per scope).
+LeaseKey = tuple[str, tuple[tuple[str, int | None], ...]]
+_Key = LeaseKey
+
+
+def lease_key(scopes: Sequence[ScopeBudget], mode: Enforcement) -> LeaseKey:
+    """The identity of a scope set's lease: the enforcement rule and each counter's id and
+    limit (a new window or a changed limit is another scope set)."""
+    return (mode.value, tuple((s.counter_id, s.limit_nanos) for s in scopes))
 
 
 class LeasingCounters:
@@ -157,7 +165,7 @@ class LeasingCounters:
                     rates=rates,
                 )
             )  # fmt: skip
-        key: _Key = (mode.value, tuple((s.counter_id, s.limit_nanos) for s in scopes))
+        key = lease_key(scopes, mode)
         self._count((team_id, key), now)
         await self._sweep(team_id, now)
         lease = self._active.get(team_id, {}).get(key)
@@ -179,6 +187,34 @@ class LeasingCounters:
         )
         self._observe(key, team_id, result)
         return result
+
+    def admit_local(
+        self,
+        team_id: str,
+        key: LeaseKey,
+        amount: int,
+        reservation_id: str,
+        hold_expires_at: float,
+        now: float,
+    ) -> tuple[CounterState, ...] | None:
+        """The part of :meth:`reserve` that needs no await: admit from the live lease of the
+        scope set ``key`` (from :func:`lease_key`) when it has room and time, returning the
+        counters as the lease saw them; None means "call :meth:`reserve`" (no lease, a lease
+        used up or out of time, the store failed over, too many leased requests out).
+
+        Rate-limited requests must not come here (their limits are checked in the store).
+        """
+        if amount < 0 or self._seconds <= 0 or getattr(self.inner, "failed_over", False):
+            return None
+        team = self._active.get(team_id)
+        lease = team.get(key) if team is not None else None
+        if lease is None or not _fits(lease, amount, now):
+            return None
+        if len(self._by_reservation) >= MAX_OUTSTANDING:
+            return None
+        self._count((team_id, key), now)
+        self._take(lease, amount, reservation_id, hold_expires_at)
+        return lease.states
 
     async def settle(
         self,
@@ -279,12 +315,16 @@ class LeasingCounters:
     def _admit(
         self, lease: _Lease, amount: int, reservation_id: str, expires_at: float
     ) -> ReserveResult:
+        self._take(lease, amount, reservation_id, expires_at)
+        return ReserveResult(ReserveStatus.RESERVED, states=lease.states)
+
+    def _take(self, lease: _Lease, amount: int, reservation_id: str, expires_at: float) -> None:
+        """Admit one request of ``amount`` from ``lease`` (it fits: the caller checked)."""
         lease.consumed += amount
         if reservation_id:
             lease.outstanding[reservation_id] = (amount, expires_at)
             self._by_reservation[reservation_id] = lease
         self.local_admits += 1
-        return ReserveResult(ReserveStatus.RESERVED, states=lease.states)
 
     async def _lease_once(
         self,
