@@ -206,7 +206,7 @@ class Authority:
         """The hot-path identity of an API-key request, or None (no hot path for it)."""
         if self._hot is None or not req.api_key or len(req.api_key) > validation.MAX_TEXT:
             return None
-        return (hash_api_key(req.api_key), req.model, req.user_id)
+        return (req.api_key, req.model, req.user_id)
 
     def _hot_answer(self, key: HotKey, now: float, estimate: int, tokens: int) -> Decision | None:
         """An allow from the key's hot entry and this replica's lease, or None: the full path
@@ -241,7 +241,7 @@ class Authority:
         """Keep what this full decision derived for the key's next requests (server.hot),
         unless a record was written while it was being resolved."""
         assert self._hot is not None and self._cached is not None
-        freshness = self._cached.freshness(key[0], who.team.team_id, who.user_id)
+        freshness = self._cached.freshness(hash_api_key(key[0]), who.team.team_id, who.user_id)
         if freshness is None or freshness.writes != writes:
             return
         self._hot.remember(key, who, scopes, lease_key(scopes, self._enforcement), freshness)

@@ -34,7 +34,10 @@ from server.storage.leasing import LeaseKey
 # Entries are small (a few hundred bytes); past this many the oldest is forgotten.
 MAX_ENTRIES = 10_000
 
-HotKey = tuple[str, str, str]  # (key hash, model, user_id as the request gave it)
+# (API key, model, user_id as the request gave it). The key itself, not its SHA-256: a
+# hash per request costs more than the rest of the lookup. Only this process's memory holds
+# it, as it holds every request in flight; the databases still see hashes only.
+HotKey = tuple[str, str, str]
 
 
 @dataclass(slots=True)
@@ -57,7 +60,7 @@ class HotEntry:
 
 
 class HotAnswers:
-    """A bounded map from (key hash, model, user) to its :class:`HotEntry`."""
+    """A bounded map from (API key, model, user) to its :class:`HotEntry`."""
 
     def __init__(self, capacity: int = MAX_ENTRIES) -> None:
         self._entries: dict[HotKey, HotEntry] = {}

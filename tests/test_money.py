@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server.money import (
     MoneyError,
@@ -44,3 +47,17 @@ def test_wire_values_convert_through_their_shortest_repr() -> None:
     assert usd_to_nanos(0.000000001) == 1
     assert usd_to_nanos(100.0) == 100_000_000_000
     assert nanos_to_usd(9_700) == 9.7e-06
+
+
+@given(st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False))
+def test_the_fast_conversion_is_decimals_conversion(value: float) -> None:
+    # usd_to_nanos skips Decimal for amounts with at most 9 decimals: the same integer.
+    expected = int(
+        Decimal(repr(value)).quantize(Decimal("1e-9"), rounding=ROUND_HALF_EVEN).scaleb(9)
+    )
+    assert usd_to_nanos(value) == expected
+
+
+@given(st.integers(min_value=-(10**19), max_value=10**19))
+def test_nanos_to_usd_is_the_nearest_double(nanos: int) -> None:
+    assert nanos_to_usd(nanos) == float(Decimal(nanos).scaleb(-9))

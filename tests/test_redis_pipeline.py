@@ -275,7 +275,8 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
 async def test_a_waiter_cancelled_in_flight_leaves_the_pipeline_to_the_others(
     client: Redis,
 ) -> None:
-    batcher = ScriptBatcher(client)
+    # Two in flight: the slow call alone, and the pipeline of the others beside it.
+    batcher = ScriptBatcher(client, max_in_flight=2)
     echo, slow = client.register_script(ECHO), client.register_script(SLOW)
     first = asyncio.create_task(batcher.call(slow, [], ["100000"]))  # 0.1 s
     await asyncio.sleep(0)

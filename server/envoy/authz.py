@@ -91,15 +91,17 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
             jwt=jwt,
         )
         started = time.perf_counter()
-        with self._metrics.latency.labels("EnvoyCheck").time():
-            try:
-                decision = await self._authority.check(req)
-            except BudgetdError as exc:
-                log.warning("ext_authz cannot decide (%s): %s", type(exc).__name__, exc)
-                self._metrics.failure(exc)
-                await context.abort(grpc_code(exc), str(exc))
+        try:
+            decision = await self._authority.check(req)
+        except BudgetdError as exc:
+            self._metrics.observe_latency("EnvoyCheck", time.perf_counter() - started)
+            log.warning("ext_authz cannot decide (%s): %s", type(exc).__name__, exc)
+            self._metrics.failure(exc)
+            await context.abort(grpc_code(exc), str(exc))
+        seconds = time.perf_counter() - started
+        self._metrics.observe_latency("EnvoyCheck", seconds)
         self._metrics.decision(decision)
-        request_log.decision("EnvoyCheck", req.request_id, decision, time.perf_counter() - started)
+        request_log.decision("EnvoyCheck", req.request_id, decision, seconds)
         if decision.allowed:
             return self._allows.convert(decision, facts, used)
         denial = http_denial(

@@ -59,7 +59,13 @@ from server.storage.memory_limiters import RateLimiters, check_rates, now_ms
 
 # One conversion of instants, one translation of outages and one ledger sum per scope, shared
 # with the record store.
-from server.storage.postgres import _driver_errors, _sum_spend_query, _to_timestamp, migrate
+from server.storage.postgres import (
+    _driver_errors,
+    _sum_spend_query,
+    _to_timestamp,
+    keep_session,
+    migrate,
+)
 
 _SQL_LOCK_TEAM: Final = "SELECT pg_advisory_xact_lock($1)"
 _SQL_PURGE: Final = f"""DELETE FROM budget_holds WHERE ctid = ANY(ARRAY(
@@ -123,6 +129,7 @@ class PostgresCounters:
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
                 timeout=self._command_timeout,
+                reset=keep_session,
             )
 
     async def close(self) -> None:
