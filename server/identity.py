@@ -13,8 +13,10 @@ from dataclasses import dataclass
 KEY_PREFIX = "sk-"
 # 24 random bytes -> 32 url-safe characters after "sk-" (the design asks for >= 22).
 _KEY_BYTES = 24
-_RESERVATION_VERSION = "r2"
+_RESERVATION_VERSION = "r3"
+_V2 = "r2"  # the earlier form, still decoded
 _MAC_BYTES = 12
+_WHO_CACHE = 4096  # encoded (team, key, user) parts remembered by a codec
 
 
 def generate_api_key() -> str:
@@ -82,6 +84,12 @@ class ReservationCodec:
     spend is still charged to the windows of the instant the request was admitted. The MAC
     (keyed by the instance secret shared through the database) stops a caller from
     fabricating a reservation id to charge someone else's key.
+
+    The current form (``r3``) is ``r3.<who>.<admitted ms>.<nonce>.<tokens>.<mac>``: ``who``
+    is base64url of team, key and user (the same for every request of a key, so it is
+    encoded once and remembered) and the MAC is keyed BLAKE2b over everything before it. Ids
+    of the earlier form ``r2`` (HMAC-SHA256 over one base64 payload) are still read, so ids
+    handed out before an upgrade settle after it.
     """
 
     def __init__(self, secret: bytes) -> None:
@@ -90,6 +98,7 @@ class ReservationCodec:
         # without a system call for randomness on every decision.
         self._nonce_prefix = os.urandom(6).hex()
         self._serial = itertools.count()
+        self._who: dict[tuple[str, str, str], str] = {}  # bounded: see _who_part
 
     def encode(
         self,
@@ -101,32 +110,59 @@ class ReservationCodec:
         estimated_tokens: int = 0,
     ) -> str:
         """A new reservation id for a request admitted at ``admitted_at``."""
-        fields = (
-            team_id,
-            key_id,
-            str(int(admitted_at * 1000)),
-            f"{self._nonce_prefix}{next(self._serial):x}",
-            user_id,
-            str(estimated_tokens),
+        body = (
+            f"{_RESERVATION_VERSION}.{self._who_part(team_id, key_id, user_id)}"
+            f".{int(admitted_at * 1000)}.{self._nonce_prefix}{next(self._serial):x}"
+            f".{estimated_tokens}"
         )
-        payload = base64.urlsafe_b64encode("\x1f".join(fields).encode()).decode().rstrip("=")
-        return f"{_RESERVATION_VERSION}.{payload}.{self._mac(payload)}"
+        return f"{body}.{self._mac(body)}"
 
     def decode(self, reservation_id: str) -> ReservationRef | None:
         """The reference in a reservation id, or None when it is malformed or forged."""
         parts = reservation_id.split(".")
-        if len(parts) != 3 or parts[0] != _RESERVATION_VERSION:
+        if len(parts) == 3 and parts[0] == _V2:
+            return self._decode_v2(parts[1], parts[2])
+        if len(parts) != 6 or parts[0] != _RESERVATION_VERSION:
             return None
-        payload, mac = parts[1], parts[2]
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        body, mac = reservation_id.rpartition(".")[0], parts[5]
+        if not hmac.compare_digest(mac, self._mac(body)):
             return None
         try:
-            body = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
-            team_id, key_id, admitted, nonce, user_id, tokens = body.split("\x1f")
+            team_id, key_id, user_id = _unb64(parts[1]).split("\x1f")
+            admitted, tokens = int(parts[2]), int(parts[4])
+        except ValueError:
+            return None
+        return ReservationRef(team_id, key_id, admitted, parts[3], user_id, tokens)
+
+    def _who_part(self, team_id: str, key_id: str, user_id: str) -> str:
+        who = (team_id, key_id, user_id)
+        part = self._who.get(who)
+        if part is None:
+            part = _b64("\x1f".join(who).encode())
+            if len(self._who) >= _WHO_CACHE:
+                self._who.clear()  # many principals: start over rather than track age
+            self._who[who] = part
+        return part
+
+    def _mac(self, body: str) -> str:
+        digest = hashlib.blake2b(body.encode(), key=self._secret, digest_size=_MAC_BYTES)
+        return _b64(digest.digest())
+
+    def _decode_v2(self, payload: str, mac: str) -> ReservationRef | None:
+        expected = hmac.digest(self._secret, payload.encode(), "sha256")[:_MAC_BYTES]
+        if not hmac.compare_digest(mac, _b64(expected)):
+            return None
+        try:
+            team_id, key_id, admitted, nonce, user_id, tokens = _unb64(payload).split("\x1f")
             return ReservationRef(team_id, key_id, int(admitted), nonce, user_id, int(tokens))
         except ValueError:
             return None
 
-    def _mac(self, payload: str) -> str:
-        digest = hmac.digest(self._secret, payload.encode(), "sha256")
-        return base64.urlsafe_b64encode(digest[:_MAC_BYTES]).decode().rstrip("=")
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    """The text base64url ``text`` encodes; ValueError when it is not that."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()

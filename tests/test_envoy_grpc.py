@@ -76,7 +76,7 @@ async def test_allow_sets_budget_headers_removes_the_key_and_adds_metadata(
         "x-budget-reserved-usd": "3.5e-06",
         "x-budget-model": "llama3",
     }
-    assert headers["x-budget-reservation-id"].startswith("r2.")
+    assert headers["x-budget-reservation-id"].startswith("r3.")
     options = answer.ok_response.headers
     assert all(
         o.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for o in options
