@@ -131,7 +131,7 @@ async def test_seed_walkthrough_through_envoy(tmp_path: Path, body_mode: str, so
         seen = s.upstream.requests[0].headers
         assert "authorization" not in seen  # the budgetd key stays at the gateway
         assert seen["x-budget-team-id"] == s.team_id
-        assert seen["x-budget-reservation-id"].startswith("r2.")
+        assert seen["x-budget-reservation-id"].startswith("r3.")
         assert seen["x-budget-model"] == "llama3"
         assert "x-budget-remaining-usd" in seen and "x-request-id" in seen
 

@@ -123,7 +123,7 @@ async def test_allow_then_the_seed_denial(gateway: Gateway) -> None:
         assert ok.status == 200
         await ok.read()
     seen = gateway.upstream.seen[-1]
-    assert seen["x-budget-team-id"] and seen["x-budget-reservation-id"].startswith("r2.")
+    assert seen["x-budget-team-id"] and seen["x-budget-reservation-id"].startswith("r3.")
     assert seen["x-budget-remaining-usd"] == "1e-09"
     assert "authorization" not in seen  # the budgetd key stays at the gateway
 

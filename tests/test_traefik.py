@@ -107,7 +107,7 @@ async def test_allow_with_budget_headers_then_the_seed_400_unchanged(gateway: Ga
         assert ok.status == 200
         await ok.read()
     seen = gateway.upstream.seen[-1]
-    assert seen["x-budget-team-id"] and seen["x-budget-reservation-id"].startswith("r2.")
+    assert seen["x-budget-team-id"] and seen["x-budget-reservation-id"].startswith("r3.")
     assert seen["x-budget-remaining-usd"] == "1e-09"
     assert seen["x-budget-model"] == "llama3"  # read from the body Traefik forwarded
     assert "authorization" not in seen  # the budgetd key stays at the gateway

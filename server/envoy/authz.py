@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -70,9 +71,7 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(self, request: Any, context: Context) -> Any:
         """One ext_authz question; a denial is a normal answer, an outage an error status."""
         http = request.attributes.request.http
-        headers = dict(http.headers)
-        headers.update(header_values(http.header_map.headers))
-        headers = {name.lower(): value for name, value in headers.items()}
+        headers = request_headers(http)
         token, used = credential(headers)
         api_key, jwt = split_credential(token)
         body = bytes(http.raw_body) or http.body.encode()
@@ -114,7 +113,22 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         return _denied(denial, _facts(decision))
 
 
-def credential(headers: dict[str, str]) -> tuple[str, list[str]]:
+def request_headers(http: Any) -> Mapping[str, str]:
+    """The request's headers by lowercase name.
+
+    Envoy sends ``headers`` with lowercase names (the AttributeContext contract): that map
+    is read as it is, without a copy. With ``encode_raw_headers`` it sends ``header_map``
+    instead, whose names are lowercased here (and win over ``headers`` should both come).
+    """
+    raw = http.header_map.headers
+    if not raw:
+        return http.headers  # type: ignore[no-any-return]
+    merged = {name.lower(): value for name, value in http.headers.items()}
+    merged.update(header_values(raw))
+    return merged
+
+
+def credential(headers: Mapping[str, str]) -> tuple[str, list[str]]:
     """The credential (``authorization: Bearer`` first, then ``x-api-key``: an API key or a
     JWT) and the headers that carry it (removed before the request goes upstream)."""
     bearer = bearer_token(headers.get("authorization"))
@@ -225,10 +239,11 @@ class AllowAnswers:
         headers = answer.ok_response.headers
         headers[reservation_at].header.value = header_text(decision.reservation_id)
         headers[reserved_at].header.value = repr(reserved)
-        metadata = answer.dynamic_metadata
+        # Straight into the Struct's map: its item assignment is Python code, this is not.
+        fields = answer.dynamic_metadata.fields
         if decision.reservation_id:
-            metadata["reservation_id"] = decision.reservation_id
-        metadata["reserved_usd"] = reserved
+            fields["reservation_id"].string_value = decision.reservation_id
+        fields["reserved_usd"].number_value = reserved
         return answer
 
 
