@@ -249,3 +249,21 @@ async def test_quiet_keys_get_no_lease_so_an_idle_key_holds_nothing(inner: Count
     for step in range(5):
         await leasing.reserve("t", found, 0, "", NOW + 3 + step + TTL, NOW + 3 + step, NEVER)
     assert (await inner.read("t", found, NOW + 8))[1] == CounterState(10_000, 0)
+
+
+async def test_too_many_leased_requests_out_go_to_the_store_without_new_leases(
+    inner: CounterStore,
+) -> None:
+    # Checks nobody settles (a gateway that never reports back) pile up: past the bound,
+    # each request is a plain hold in the store, and no lease is taken per request (each
+    # would hold a slice of the headroom, and the budget would soon deny everyone).
+    leasing = LeasingCounters(inner, lease_seconds=60.0, hot_requests=1, max_outstanding=20)
+    limit = 16_000_000
+    found = await ready(inner, limit)
+    for i in range(200):
+        result = await leasing.reserve("t", found, 1000, f"r{i}", NOW + TTL, NOW, NEVER)
+        assert result.status is ReserveStatus.RESERVED, i
+    assert leasing.local_admits == 20
+    # The first request plainly, one lease, and the 179 past the bound plainly.
+    held = 1000 + (limit - 1000) // LEASE_FRACTION + 179 * 1000
+    assert (await inner.read("t", found, NOW))[1] == CounterState(0, held)

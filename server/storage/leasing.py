@@ -101,11 +101,17 @@ class LeasingCounters:
     """A CounterStore that admits from leases of headroom, wrapping the real one."""
 
     def __init__(
-        self, inner: CounterStore, *, lease_seconds: float = 1.0, hot_requests: int = HOT_REQUESTS
+        self,
+        inner: CounterStore,
+        *,
+        lease_seconds: float = 1.0,
+        hot_requests: int = HOT_REQUESTS,
+        max_outstanding: int = MAX_OUTSTANDING,
     ) -> None:
         self.inner = inner
         self._seconds = lease_seconds
         self._hot_requests = hot_requests
+        self._max_outstanding = max_outstanding
         # Per team: the active lease of each scope set, leases retired but still in use,
         # and the headroom last seen for each scope set.
         self._active: dict[str, dict[_Key, _Lease]] = {}
@@ -168,9 +174,18 @@ class LeasingCounters:
         key = lease_key(scopes, mode)
         self._count((team_id, key), now)
         await self._sweep(team_id, now)
+        if len(self._by_reservation) >= self._max_outstanding:
+            # Too many leased requests out (never settled?): the store decides each request,
+            # as a plain hold, until some settle or expire. No new lease either: one taken
+            # per request would hold a slice of the headroom each, denying everyone soon.
+            result = await self._guard(
+                self.inner.reserve(
+                    team_id, scopes, amount, reservation_id, hold_expires_at, now, mode
+                )
+            )
+            self._observe(key, team_id, result)
+            return result
         lease = self._active.get(team_id, {}).get(key)
-        if len(self._by_reservation) >= MAX_OUTSTANDING:
-            lease = None  # too many leased requests out (never settled?): ask the store
         if lease is not None:
             if _fits(lease, amount, now):
                 return self._admit(lease, amount, reservation_id, hold_expires_at)
@@ -210,7 +225,7 @@ class LeasingCounters:
         lease = team.get(key) if team is not None else None
         if lease is None or not _fits(lease, amount, now):
             return None
-        if len(self._by_reservation) >= MAX_OUTSTANDING:
+        if len(self._by_reservation) >= self._max_outstanding:
             return None
         self._count((team_id, key), now)
         self._take(lease, amount, reservation_id, hold_expires_at)
