@@ -132,8 +132,6 @@ class Authority:
             RateCharge(limit, 1 if limit.unit is RateUnit.REQUESTS else tokens)
             for limit in rate_limits(who)
         ]
-        if hot_key is not None and not rates:
-            self._remember_hot(hot_key, who, scopes, writes)
         reservation_id = self._codec.encode(
             who.team.team_id, who.key_id, now, user_id=who.user_id, estimated_tokens=tokens
         )
@@ -142,6 +140,8 @@ class Authority:
             return self._denial(who, scopes, result, now)
         if result.status is ReserveStatus.RATE_LIMITED:
             return answers.rate_denial(who, scopes, rates, result)
+        if hot_key is not None and not rates:
+            self._remember_hot(hot_key, who, scopes, writes)
         index = tightest(scopes, result.states)
         return answers.decision(
             True, who, scopes[index], result.states[index], now,
@@ -238,13 +238,17 @@ class Authority:
     def _remember_hot(
         self, key: HotKey, who: Principal, scopes: list[ScopeBudget], writes: int
     ) -> None:
-        """Keep what this full decision derived for the key's next requests (server.hot),
-        unless a record was written while it was being resolved."""
-        assert self._hot is not None and self._cached is not None
+        """Keep what this full decision derived for the key's next requests (server.hot):
+        only for a key this replica holds a lease for (a hot one: the others are decided by
+        the store anyway), and not when a record was written while it was being resolved."""
+        assert self._hot is not None and self._cached is not None and self._leasing is not None
+        leased = lease_key(scopes, self._enforcement)
+        if not self._leasing.leased(who.team.team_id, leased):
+            return
         freshness = self._cached.freshness(hash_api_key(key[0]), who.team.team_id, who.user_id)
         if freshness is None or freshness.writes != writes:
             return
-        self._hot.remember(key, who, scopes, lease_key(scopes, self._enforcement), freshness)
+        self._hot.remember(key, who, scopes, leased, freshness)
 
     def _estimate(self, req: CheckRequest) -> int:
         validation.text(req.model, "model")

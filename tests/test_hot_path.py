@@ -239,3 +239,22 @@ async def test_wire_forms_are_the_same_bytes(setup: Setup) -> None:
             assert allows.convert(hot, facts, used).SerializeToString(
                 deterministic=True
             ) == _allowed(same, facts, used).SerializeToString(deterministic=True)
+
+
+async def test_quiet_keys_are_not_remembered(setup: Setup) -> None:
+    # Only a key with a lease (a hot one) gets an entry: the others are decided by the store.
+    quiet = Authority(
+        setup.records,
+        LeasingCounters(setup.counters.inner, lease_seconds=60.0, hot_requests=1000),
+        setup.clock,
+        ReservationCodec(b"s" * 32),
+        enforcement=Enforcement.NEVER_EXCEED,
+        reservation_ttl=60.0,
+        tz=UTC,
+        prices={},
+    )
+    _, key = await new_key(setup, max_budget=100.0)
+    for n in range(10):
+        answer = await quiet.check(ask(key, n))
+        assert answer.allowed and answer.template is None
+    assert quiet._hot is not None and len(quiet._hot) == 0

@@ -203,6 +203,11 @@ class LeasingCounters:
         self._observe(key, team_id, result)
         return result
 
+    def leased(self, team_id: str, key: LeaseKey) -> bool:
+        """Does this replica hold a live lease for the scope set ``key`` of ``team_id``?"""
+        team = self._active.get(team_id)
+        return team is not None and key in team
+
     def admit_local(
         self,
         team_id: str,
