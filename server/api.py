@@ -27,6 +27,7 @@ from server.authority import Authority, CheckRequest, Decision, SpendRequest
 from server.errors import BudgetdError, Unauthenticated, Unavailable, grpc_code
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
+from server.hot import TemplateForms
 from server.identity import bearer_token, master_key_matches
 from server.metrics import Metrics
 from server.money import nanos_to_usd
@@ -414,26 +415,21 @@ class WireDecisions:
     """:func:`decision_to_pb`, converting a hot-path template once (server.hot).
 
     Allows from the hot path differ from their template only in ``reservation_id`` and
-    ``reserved``: the template's message is kept (bounded) and copied for each answer.
+    ``reserved``: the template's message is kept and copied for each answer.
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
-        # id(template) -> (template, its wire form); holding the template keeps its id unique.
-        self._templates: dict[int, tuple[Decision, pb.CheckBudgetResponse]] = {}
-        self._capacity = capacity
+    def __init__(self) -> None:
+        self._forms: TemplateForms[pb.CheckBudgetResponse] = TemplateForms()
 
     def convert(self, decision: Decision) -> pb.CheckBudgetResponse:
         template = decision.template
         if template is None:
             return decision_to_pb(decision)
-        cached = self._templates.get(id(template))
-        if cached is None or cached[0] is not template:
-            cached = (template, decision_to_pb(template))
-            self._templates[id(template)] = cached
-            if len(self._templates) > self._capacity:
-                del self._templates[next(iter(self._templates))]  # the oldest
+        base = self._forms.get(template)
+        if base is None:
+            base = self._forms.put(template, decision_to_pb(template))
         answer = pb.CheckBudgetResponse()
-        answer.CopyFrom(cached[1])
+        answer.CopyFrom(base)
         answer.reservation_id = decision.reservation_id
         answer.reserved = nanos_to_usd(decision.reserved_nanos)
         return answer

@@ -48,6 +48,7 @@ from server.denials import (
 from server.envoy.openai import BodyError, RequestFacts, parse_request
 from server.envoy.wire import header_text, header_values, set_headers
 from server.errors import BudgetdError, grpc_code
+from server.hot import TemplateForms
 from server.identity import bearer_token
 from server.metrics import Metrics
 from server.money import nanos_to_usd
@@ -203,36 +204,28 @@ class AllowAnswers:
     """:func:`_allowed`, building the answer of a hot-path template once (server.hot).
 
     A hot-path allow differs from its template only in its reservation id and estimate: the
-    template's CheckResponse (per model and key-carrying headers) is kept, bounded, and each
+    template's CheckResponse (per model and key-carrying headers) is kept, and each
     answer is a copy with those two values put in (headers and dynamic metadata), the same
     bytes :func:`_allowed` would build.
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
-        # (id(template), model, carriers) -> (template, response, index of the reservation
-        # header, index of the reserved header); holding the template keeps its id unique.
-        self._answers: dict[tuple[int, str, tuple[str, ...]], tuple[Decision, Any, int, int]] = {}
-        self._capacity = capacity
+    def __init__(self) -> None:
+        # Per template, model and key-carrying headers: the response, and the indexes of
+        # its reservation and reserved headers.
+        self._forms: TemplateForms[tuple[Any, int, int]] = TemplateForms()
 
     def convert(self, decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
         template = decision.template
         if template is None:
             return _allowed(decision, facts, used)
-        key = (id(template), facts.model, tuple(used))
-        cached = self._answers.get(key)
-        if cached is None or cached[0] is not template:
+        extra = (facts.model, tuple(used))
+        cached = self._forms.get(template, extra)
+        if cached is None:
             response = _allowed(template, facts, used)
             names = [option.header.key for option in response.ok_response.headers]
-            cached = (
-                template,
-                response,
-                names.index(HEADER_RESERVATION_ID),
-                names.index(HEADER_RESERVED),
-            )
-            self._answers[key] = cached
-            if len(self._answers) > self._capacity:
-                del self._answers[next(iter(self._answers))]  # the oldest
-        _, base, reservation_at, reserved_at = cached
+            at = (names.index(HEADER_RESERVATION_ID), names.index(HEADER_RESERVED))
+            cached = self._forms.put(template, (response, *at), extra)
+        base, reservation_at, reserved_at = cached
         answer = auth_pb.CheckResponse()
         answer.CopyFrom(base)
         reserved = nanos_to_usd(decision.reserved_nanos)

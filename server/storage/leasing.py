@@ -174,29 +174,22 @@ class LeasingCounters:
         key = lease_key(scopes, mode)
         self._count((team_id, key), now)
         await self._sweep(team_id, now)
-        if len(self._by_reservation) >= self._max_outstanding:
-            # Too many leased requests out (never settled?): the store decides each request,
-            # as a plain hold, until some settle or expire. No new lease either: one taken
-            # per request would hold a slice of the headroom each, denying everyone soon.
-            result = await self._guard(
-                self.inner.reserve(
-                    team_id, scopes, amount, reservation_id, hold_expires_at, now, mode
-                )
-            )
-            self._observe(key, team_id, result)
-            return result
-        lease = self._active.get(team_id, {}).get(key)
-        if lease is not None:
-            if _fits(lease, amount, now):
+        # Past max_outstanding leased requests out (never settled?), the store decides each
+        # request as a plain hold until some settle or expire. No new lease either: one taken
+        # per request would hold a slice of the headroom each, denying everyone soon.
+        if len(self._by_reservation) < self._max_outstanding:
+            lease = self._active.get(team_id, {}).get(key)
+            if lease is not None:
+                if _fits(lease, amount, now):
+                    return self._admit(lease, amount, reservation_id, hold_expires_at)
+                await self._retire(lease, now)
+            pending = self._pending.get((team_id, key))
+            if pending is not None:  # another request is asking for this lease right now
+                lease = await asyncio.shield(pending)
+            else:
+                lease = await self._lease_once(key, team_id, scopes, amount, hold_expires_at, now)
+            if lease is not None and _fits(lease, amount, now):
                 return self._admit(lease, amount, reservation_id, hold_expires_at)
-            await self._retire(lease, now)
-        pending = self._pending.get((team_id, key))
-        if pending is not None:  # another request is asking for this lease right now
-            lease = await asyncio.shield(pending)
-        else:
-            lease = await self._lease_once(key, team_id, scopes, amount, hold_expires_at, now)
-        if lease is not None and _fits(lease, amount, now):
-            return self._admit(lease, amount, reservation_id, hold_expires_at)
         result = await self._guard(
             self.inner.reserve(team_id, scopes, amount, reservation_id, hold_expires_at, now, mode)
         )
