@@ -26,7 +26,7 @@ from server.errors import (
     RecordsUnavailable,
     Unavailable,
 )
-from server.hot import HotAnswers, HotKey
+from server.hot import HotAllow, HotAnswers, HotEntry, HotKey
 from server.identity import ReservationCodec, hash_api_key
 from server.ledger_sync import read_states, rebuild, start_from_zero
 from server.money import budget_exceeded_message, nanos_to_usd
@@ -56,6 +56,7 @@ __all__ = [
     "Authority",
     "CheckRequest",
     "Decision",
+    "HotAllow",
     "Reason",
     "SpendRequest",
     "SpendResult",
@@ -109,17 +110,50 @@ class Authority:
         self._hot = HotAnswers() if self._cached and self._leasing else None
         self.settler = Settler(records, counters, clock, tz, self.principals)
 
+    def check_hot(
+        self,
+        api_key: str,
+        model: str,
+        user_id: str,
+        request_id: str,
+        estimated_cost: float | None,
+        max_tokens: int | None,
+        prompt_tokens: int | None,
+    ) -> HotAllow | None:
+        """CheckBudget for a busy API key from the hot path (:mod:`server.hot`), or None.
+
+        The same answer :meth:`check` gives, for the faces to try first: it takes the
+        request's fields as they come off the wire, so a hot request builds no request or
+        decision object. None means the full path decides (:meth:`check`), which includes
+        every request the hot path has no entry for and every invalid one (the full path
+        answers it with its error): nothing is held or counted then.
+        """
+        hot = self._hot
+        if hot is None or not api_key or len(api_key) > validation.MAX_TEXT:
+            return None
+        entry = hot.get((api_key, model, user_id))
+        if entry is None:
+            return None
+        try:
+            estimate = self._estimate(model, estimated_cost, max_tokens, prompt_tokens)
+            tokens = _estimated_tokens(max_tokens, prompt_tokens)
+            validation.text(request_id, "request_id")
+        except InvalidArgument:
+            return None
+        return self._hot_answer(entry, self._clock.now(), estimate, tokens)
+
     async def check(self, req: CheckRequest) -> Decision:
         """CheckBudget: check every scope and rate limit, and hold the estimate, all or none."""
         now = self._clock.now()
-        estimate = self._estimate(req)
-        tokens = _estimated_tokens(req)
+        estimate = self._estimate(req.model, req.estimated_cost, req.max_tokens, req.prompt_tokens)
+        tokens = _estimated_tokens(req.max_tokens, req.prompt_tokens)
         validation.text(req.request_id, "request_id")
         hot_key = self._hot_key(req)
         if hot_key is not None:
-            hot = self._hot_answer(hot_key, now, estimate, tokens)
+            entry = self._hot.get(hot_key) if self._hot is not None else None
+            hot = self._hot_answer(entry, now, estimate, tokens) if entry is not None else None
             if hot is not None:
-                return hot
+                return answers.admitted(*hot)
         writes = self._cached.writes if self._cached is not None else 0
         who = await self.principals.resolve(req, now)
         if isinstance(who, Decision):
@@ -208,12 +242,13 @@ class Authority:
             return None
         return (req.api_key, req.model, req.user_id)
 
-    def _hot_answer(self, key: HotKey, now: float, estimate: int, tokens: int) -> Decision | None:
-        """An allow from the key's hot entry and this replica's lease, or None: the full path
+    def _hot_answer(
+        self, entry: HotEntry, now: float, estimate: int, tokens: int
+    ) -> HotAllow | None:
+        """An allow from a hot entry and this replica's lease, or None: the full path
         decides (see :mod:`server.hot` for when an entry may be used)."""
-        assert self._hot is not None and self._cached is not None and self._leasing is not None
-        entry = self._hot.get(key)
-        if entry is None or not entry.covers(now) or not self._cached.still_fresh(entry.freshness):
+        assert self._cached is not None and self._leasing is not None
+        if not entry.covers(now) or not self._cached.still_fresh(entry.freshness):
             return None
         who = entry.who
         team_id = who.team.team_id
@@ -233,7 +268,7 @@ class Authority:
             soft = answers.soft_budget_exceeded(who, scopes, states)
             template = answers.decision(True, who, scopes[index], states[index], now, soft=soft)
             entry.template, entry.states = template, states
-        return answers.admitted(template, reservation_id, estimate)
+        return HotAllow(template, reservation_id, estimate)
 
     def _remember_hot(
         self, key: HotKey, who: Principal, scopes: list[ScopeBudget], writes: int
@@ -250,15 +285,22 @@ class Authority:
             return
         self._hot.remember(key, who, scopes, leased, freshness)
 
-    def _estimate(self, req: CheckRequest) -> int:
-        validation.text(req.model, "model")
-        if req.estimated_cost is not None:
-            return validation.cost(req.estimated_cost, "estimated_cost")
-        if req.max_tokens is None:
+    def _estimate(
+        self,
+        model: str,
+        estimated_cost: float | None,
+        max_tokens: int | None,
+        prompt_tokens: int | None,
+    ) -> int:
+        """The hold a check places: its estimated cost, else its tokens priced, else 0."""
+        validation.text(model, "model")
+        if estimated_cost is not None:
+            return validation.cost(estimated_cost, "estimated_cost")
+        if max_tokens is None:
             return 0
-        completion = validation.tokens(req.max_tokens, "max_tokens")
-        prompt = validation.tokens(req.prompt_tokens or 0, "prompt_tokens")
-        return price_nanos(self._prices, req.model, prompt, completion) or 0
+        completion = validation.tokens(max_tokens, "max_tokens")
+        prompt = validation.tokens(prompt_tokens or 0, "prompt_tokens")
+        return price_nanos(self._prices, model, prompt, completion) or 0
 
     async def _reserve(
         self,
@@ -438,10 +480,10 @@ class Authority:
         return answers.spend_result(stored.cost_nanos, who, scopes, states, duplicate=True)
 
 
-def _estimated_tokens(req: CheckRequest) -> int:
+def _estimated_tokens(max_tokens: int | None, prompt_tokens: int | None) -> int:
     """Tokens a request may use, charged to tpm limits at check time (0 when unknown)."""
-    prompt = validation.tokens(req.prompt_tokens or 0, "prompt_tokens")
-    completion = validation.tokens(req.max_tokens or 0, "max_tokens")
+    prompt = validation.tokens(prompt_tokens or 0, "prompt_tokens")
+    completion = validation.tokens(max_tokens or 0, "max_tokens")
     return prompt + completion
 
 

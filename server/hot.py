@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from server.decision import Decision
 from server.scopes import Principal
@@ -59,6 +59,18 @@ class HotEntry:
     def covers(self, now: float) -> bool:
         """Is ``now`` inside every window of the entry and before the key expires?"""
         return self.opens <= now < self.closes
+
+
+class HotAllow(NamedTuple):
+    """A hot-path allow: its entry's template with this request's reservation and hold.
+
+    What the faces convert (each keeps the template's wire form, built once); as a Decision
+    it is ``answers.admitted(*allow)``.
+    """
+
+    template: Decision
+    reservation_id: str
+    reserved_nanos: int
 
 
 class HotAnswers:

@@ -23,6 +23,11 @@ from server.money import nanos_to_usd
 log = logging.getLogger("budgetd.requests")
 
 
+def decisions_logged() -> bool:
+    """True when decision lines are written (so a hot path builds its Decision only then)."""
+    return log.isEnabledFor(logging.INFO)
+
+
 def decision(rpc: str, request_id: str, answer: Decision, seconds: float) -> None:
     """Log a CheckBudget (or Envoy Check) answer."""
     if not log.isEnabledFor(logging.INFO):

@@ -31,7 +31,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from server import request_log
+from server import answers, request_log
 from server.authority import Authority, CheckRequest, Decision
 from server.config import Settings
 from server.denials import (
@@ -48,7 +48,7 @@ from server.denials import (
 from server.envoy.openai import BodyError, RequestFacts, parse_request
 from server.envoy.wire import header_text, header_values, set_headers
 from server.errors import BudgetdError, grpc_code
-from server.hot import TemplateForms
+from server.hot import HotAllow, TemplateForms
 from server.identity import bearer_token
 from server.metrics import Metrics
 from server.money import nanos_to_usd
@@ -82,15 +82,28 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
             )
         except BodyError as exc:
             return _denied(http_error(exc.status, str(exc)), {"reason": "INVALID_REQUEST"})
+        request_id = _request_id(headers.get("x-request-id", "") or http.id)
+        started = time.perf_counter()
+        # A busy key's allow without building the request (server.hot); else, in full.
+        hot = self._authority.check_hot(
+            api_key, facts.model, "", request_id, None, facts.max_tokens, facts.prompt_tokens
+        )
+        if hot is not None:
+            seconds = time.perf_counter() - started
+            self._metrics.observe_latency("EnvoyCheck", seconds)
+            self._metrics.decision(hot.template)  # counted by outcome, reason and scope
+            if request_log.decisions_logged():
+                decision = answers.admitted(*hot)
+                request_log.decision("EnvoyCheck", request_id, decision, seconds)
+            return self._allows.hot(hot, facts, used)
         req = CheckRequest(
             api_key=api_key,
             model=facts.model,
-            request_id=_request_id(headers.get("x-request-id", "") or http.id),
+            request_id=request_id,
             max_tokens=facts.max_tokens,
             prompt_tokens=facts.prompt_tokens,
             jwt=jwt,
         )
-        started = time.perf_counter()
         try:
             decision = await self._authority.check(req)
         except BudgetdError as exc:
@@ -218,6 +231,12 @@ class AllowAnswers:
         template = decision.template
         if template is None:
             return _allowed(decision, facts, used)
+        allow = HotAllow(template, decision.reservation_id, decision.reserved_nanos)
+        return self.hot(allow, facts, used)
+
+    def hot(self, allow: HotAllow, facts: RequestFacts, used: list[str]) -> Any:
+        """The CheckResponse of a hot-path allow: a copy of its template's, with its hold."""
+        template = allow.template
         extra = (facts.model, tuple(used))
         cached = self._forms.get(template, extra)
         if cached is None:
@@ -228,14 +247,14 @@ class AllowAnswers:
         base, reservation_at, reserved_at = cached
         answer = auth_pb.CheckResponse()
         answer.CopyFrom(base)
-        reserved = nanos_to_usd(decision.reserved_nanos)
+        reserved = nanos_to_usd(allow.reserved_nanos)
         headers = answer.ok_response.headers
-        headers[reservation_at].header.value = header_text(decision.reservation_id)
+        headers[reservation_at].header.value = header_text(allow.reservation_id)
         headers[reserved_at].header.value = repr(reserved)
         # Straight into the Struct's map: its item assignment is Python code, this is not.
         fields = answer.dynamic_metadata.fields
-        if decision.reservation_id:
-            fields["reservation_id"].string_value = decision.reservation_id
+        if allow.reservation_id:
+            fields["reservation_id"].string_value = allow.reservation_id
         fields["reserved_usd"].number_value = reserved
         return answer
 
