@@ -132,14 +132,23 @@ class Authority:
         if hot is None or not api_key or len(api_key) > validation.MAX_TEXT:
             return None
         entry = hot.get((api_key, model, user_id))
-        if entry is None:
-            return None
-        try:
-            estimate = self._estimate(model, estimated_cost, max_tokens, prompt_tokens)
-            tokens = _estimated_tokens(max_tokens, prompt_tokens)
-            validation.text(request_id, "request_id")
-        except InvalidArgument:
-            return None
+        if entry is None or len(request_id) > validation.MAX_TEXT or "\x00" in request_id:
+            return None  # (an unusable request_id: the full path says why)
+        sizing = entry.sizing
+        if (
+            sizing is not None
+            and sizing[0] == estimated_cost
+            and sizing[1] == max_tokens
+            and sizing[2] == prompt_tokens
+        ):
+            estimate, tokens = sizing[3], sizing[4]
+        else:
+            try:
+                estimate = self._estimate(model, estimated_cost, max_tokens, prompt_tokens)
+                tokens = _estimated_tokens(max_tokens, prompt_tokens)
+            except InvalidArgument:
+                return None
+            entry.sizing = (estimated_cost, max_tokens, prompt_tokens, estimate, tokens)
         return self._hot_answer(entry, self._clock.now(), estimate, tokens)
 
     async def check(self, req: CheckRequest) -> Decision:
@@ -250,19 +259,16 @@ class Authority:
         assert self._cached is not None and self._leasing is not None
         if not entry.covers(now) or not self._cached.still_fresh(entry.freshness):
             return None
-        who = entry.who
-        team_id = who.team.team_id
-        reservation_id = self._codec.encode(
-            team_id, who.key_id, now, user_id=who.user_id, estimated_tokens=tokens
-        )
-        states = self._leasing.admit_local(
-            team_id, entry.lease_key, estimate, reservation_id, now + self._ttl, now
+        reservation_id = self._codec.encode_after(entry.prefix, now, tokens)
+        states = self._leasing.admit_from(
+            entry.lease, estimate, reservation_id, now + self._ttl, now
         )
         if states is None:
             return None
         template = entry.template
         if template is None or entry.states is not states:
-            # A new lease (or the first hot answer): the shape of its answers, worked out once.
+            # The first hot answer of this entry: the shape of its answers, worked out once.
+            who = entry.who
             scopes = entry.scopes
             index = tightest(scopes, states)
             soft = answers.soft_budget_exceeded(who, scopes, states)
@@ -277,13 +283,14 @@ class Authority:
         only for a key this replica holds a lease for (a hot one: the others are decided by
         the store anyway), and not when a record was written while it was being resolved."""
         assert self._hot is not None and self._cached is not None and self._leasing is not None
-        leased = lease_key(scopes, self._enforcement)
-        if not self._leasing.leased(who.team.team_id, leased):
+        lease = self._leasing.lease_for(who.team.team_id, lease_key(scopes, self._enforcement))
+        if lease is None:
             return
         freshness = self._cached.freshness(hash_api_key(key[0]), who.team.team_id, who.user_id)
         if freshness is None or freshness.writes != writes:
             return
-        self._hot.remember(key, who, scopes, leased, freshness)
+        prefix = self._codec.prefix(who.team.team_id, who.key_id, who.user_id)
+        self._hot.remember(key, who, scopes, lease, freshness, prefix)
 
     def _estimate(
         self,

@@ -30,7 +30,7 @@ from server.decision import Decision
 from server.scopes import Principal
 from server.storage.base import CounterState, ScopeBudget
 from server.storage.cached_records import Freshness
-from server.storage.leasing import LeaseKey
+from server.storage.leasing import Lease
 
 # Entries are small (a few hundred bytes); past this many the oldest is forgotten.
 MAX_ENTRIES = 10_000
@@ -42,19 +42,28 @@ HotKey = tuple[str, str, str]
 V = TypeVar("V")
 
 
+# A request's sizing and what it came to: (estimated_cost, max_tokens, prompt_tokens) as
+# sent, then the estimate (nano-USD) and the tokens charged to tpm limits.
+Sizing = tuple[float | None, int | None, int | None, int, int]
+
+
 @dataclass(slots=True)
 class HotEntry:
     """What a full decision of one (key, model, user) worked out, and while it holds."""
 
     who: Principal
     scopes: list[ScopeBudget]
-    lease_key: LeaseKey  # the scope set's identity in the leasing store
+    lease: Lease  # the lease this replica admits the scope set from (while it is live)
     freshness: Freshness
     opens: float  # the latest window start: valid from here ...
     closes: float  # ... to the earliest window end or the key's expiry
+    prefix: str  # the start of each reservation id (ReservationCodec.prefix)
     # The answer's shape for the lease states it was built from (a new lease, a new shape).
     states: Sequence[CounterState] | None = None
     template: Decision | None = None
+    # The last request's sizing, validated and priced: clients send the same one again and
+    # again, and an equal one comes to the same (the prices are fixed, the model is the key's).
+    sizing: Sizing | None = None
 
     def covers(self, now: float) -> bool:
         """Is ``now`` inside every window of the entry and before the key expires?"""
@@ -88,8 +97,9 @@ class HotAnswers:
         key: HotKey,
         who: Principal,
         scopes: list[ScopeBudget],
-        lease_key: LeaseKey,
+        lease: Lease,
         freshness: Freshness,
+        prefix: str,
     ) -> None:
         """Keep what a full decision derived, for the next requests of the same key."""
         opens = float(max(scope.window.start for scope in scopes))
@@ -98,7 +108,7 @@ class HotAnswers:
             ends.append(who.key.expires_at)
         closes = min(ends, default=float("inf"))
         self._entries.pop(key, None)
-        self._entries[key] = HotEntry(who, scopes, lease_key, freshness, opens, closes)
+        self._entries[key] = HotEntry(who, scopes, lease, freshness, opens, closes, prefix)
         if len(self._entries) > self._capacity:
             del self._entries[next(iter(self._entries))]  # the oldest
 

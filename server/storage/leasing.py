@@ -63,8 +63,18 @@ HOT_REQUESTS = 32
 MAX_OUTSTANDING = 200_000
 
 
+# A scope set's identity: (mode, (counter id, limit) per scope).
+LeaseKey = tuple[str, tuple[tuple[str, int | None], ...]]
+_Key = LeaseKey
+
+
 @dataclass(slots=True)
-class _Lease:
+class Lease:
+    """One lease: a hold in the store that this replica admits requests from.
+
+    Outside this module it is an opaque handle (see :meth:`LeasingCounters.lease_for`).
+    """
+
     team_id: str
     lease_id: str  # the hold's id in the store; "" when nothing is held (no limited scope)
     granted: int | None  # None: every scope is unlimited
@@ -73,22 +83,18 @@ class _Lease:
     consumed: int = 0
     outstanding: dict[str, tuple[int, float]] = field(default_factory=dict)
     retired: bool = False
+    key: LeaseKey = ("", ())  # the scope set it was taken for
 
     def room(self) -> int | None:
         return None if self.granted is None else self.granted - self.consumed
 
 
-def _fits(lease: _Lease, amount: int, now: float) -> bool:
+def _fits(lease: Lease, amount: int, now: float) -> bool:
     """May a request estimated at ``amount`` be admitted from ``lease`` now?"""
     if now >= lease.admit_until or lease.retired:
         return False
     room = lease.room()
     return room is None or (room > 0 and amount <= room)
-
-
-# A scope set's identity: (mode, (counter id, limit) per scope).
-LeaseKey = tuple[str, tuple[tuple[str, int | None], ...]]
-_Key = LeaseKey
 
 
 def lease_key(scopes: Sequence[ScopeBudget], mode: Enforcement) -> LeaseKey:
@@ -114,15 +120,15 @@ class LeasingCounters:
         self._max_outstanding = max_outstanding
         # Per team: the active lease of each scope set, leases retired but still in use,
         # and the headroom last seen for each scope set.
-        self._active: dict[str, dict[_Key, _Lease]] = {}
-        self._retired: dict[str, list[_Lease]] = {}
+        self._active: dict[str, dict[_Key, Lease]] = {}
+        self._retired: dict[str, list[Lease]] = {}
         self._seen: dict[tuple[str, _Key], tuple[CounterState, ...]] = {}
         # Decisions per scope set: (second, count in it, count in the second before).
         self._rate: dict[tuple[str, _Key], tuple[int, int, int]] = {}
-        self._by_reservation: dict[str, _Lease] = {}
+        self._by_reservation: dict[str, Lease] = {}
         # One lease is asked for at a time per scope set: concurrent requests wait for it
         # instead of each taking a lease of their own.
-        self._pending: dict[tuple[str, _Key], asyncio.Future[_Lease | None]] = {}
+        self._pending: dict[tuple[str, _Key], asyncio.Future[Lease | None]] = {}
         self._prefix = f"lease-{os.urandom(6).hex()}-"
         self._serial = 0
         self._generation = 0  # bumped whenever every lease is forgotten
@@ -196,10 +202,14 @@ class LeasingCounters:
         self._observe(key, team_id, result)
         return result
 
-    def leased(self, team_id: str, key: LeaseKey) -> bool:
-        """Does this replica hold a live lease for the scope set ``key`` of ``team_id``?"""
+    def lease_for(self, team_id: str, key: LeaseKey) -> Lease | None:
+        """This replica's live lease for the scope set ``key`` of ``team_id``, or None.
+
+        A handle for :meth:`admit_from`: a caller may keep it, since a lease that retires
+        (its time is up, its room used, the store failed) admits nothing more.
+        """
         team = self._active.get(team_id)
-        return team is not None and key in team
+        return team.get(key) if team is not None else None
 
     def admit_local(
         self,
@@ -210,22 +220,34 @@ class LeasingCounters:
         hold_expires_at: float,
         now: float,
     ) -> tuple[CounterState, ...] | None:
-        """The part of :meth:`reserve` that needs no await: admit from the live lease of the
-        scope set ``key`` (from :func:`lease_key`) when it has room and time, returning the
-        counters as the lease saw them; None means "call :meth:`reserve`" (no lease, a lease
-        used up or out of time, the store failed over, too many leased requests out).
+        """:meth:`admit_from` the live lease of the scope set ``key`` (from :func:`lease_key`)."""
+        lease = self.lease_for(team_id, key)
+        if lease is None:
+            return None
+        return self.admit_from(lease, amount, reservation_id, hold_expires_at, now)
+
+    def admit_from(
+        self,
+        lease: Lease,
+        amount: int,
+        reservation_id: str,
+        hold_expires_at: float,
+        now: float,
+    ) -> tuple[CounterState, ...] | None:
+        """The part of :meth:`reserve` that needs no await: admit from ``lease`` when it is
+        live and has room and time, returning the counters as the lease saw them; None means
+        "call :meth:`reserve`" (a lease retired, used up or out of time, the store failed
+        over, too many leased requests out).
 
         Rate-limited requests must not come here (their limits are checked in the store).
         """
         if amount < 0 or self._seconds <= 0 or getattr(self.inner, "failed_over", False):
             return None
-        team = self._active.get(team_id)
-        lease = team.get(key) if team is not None else None
-        if lease is None or not _fits(lease, amount, now):
+        if not _fits(lease, amount, now):  # a retired lease never fits
             return None
         if len(self._by_reservation) >= self._max_outstanding:
             return None
-        self._count((team_id, key), now)
+        self._count((lease.team_id, lease.key), now)
         self._take(lease, amount, reservation_id, hold_expires_at)
         return lease.states
 
@@ -326,12 +348,12 @@ class LeasingCounters:
     # -- leases -------------------------------------------------------------------------
 
     def _admit(
-        self, lease: _Lease, amount: int, reservation_id: str, expires_at: float
+        self, lease: Lease, amount: int, reservation_id: str, expires_at: float
     ) -> ReserveResult:
         self._take(lease, amount, reservation_id, expires_at)
         return ReserveResult(ReserveStatus.RESERVED, states=lease.states)
 
-    def _take(self, lease: _Lease, amount: int, reservation_id: str, expires_at: float) -> None:
+    def _take(self, lease: Lease, amount: int, reservation_id: str, expires_at: float) -> None:
         """Admit one request of ``amount`` from ``lease`` (it fits: the caller checked)."""
         lease.consumed += amount
         if reservation_id:
@@ -347,9 +369,9 @@ class LeasingCounters:
         amount: int,
         hold_expires_at: float,
         now: float,
-    ) -> _Lease | None:
+    ) -> Lease | None:
         """:meth:`_new_lease`, with concurrent callers for the same scopes waiting on it."""
-        future: asyncio.Future[_Lease | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
         self._pending[(team_id, key)] = future
         try:
             lease = await self._new_lease(key, team_id, scopes, amount, hold_expires_at, now)
@@ -369,7 +391,7 @@ class LeasingCounters:
         amount: int,
         hold_expires_at: float,
         now: float,
-    ) -> _Lease | None:
+    ) -> Lease | None:
         """A lease cut from the headroom seen last time, or None (too little, or unknown)."""
         generation = self._generation
         seen = self._seen.get((team_id, key))
@@ -388,7 +410,7 @@ class LeasingCounters:
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
-            lease = _Lease(team_id, "", None, until, result.states)
+            lease = Lease(team_id, "", None, until, result.states, key=key)
         else:
             # Below 2^53: the store shrinks a lease's hold with exact arithmetic.
             size = min(min(headroom) // LEASE_FRACTION, MAX_PARTIAL_RELEASE - 1)
@@ -403,7 +425,7 @@ class LeasingCounters:
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
-            lease = _Lease(team_id, lease_id, size, until, result.states)
+            lease = Lease(team_id, lease_id, size, until, result.states, key=key)
         if generation != self._generation:
             # The store failed (or failed over) while this lease was being taken: it is
             # not spent from; its hold is given back, or expires.
@@ -448,7 +470,7 @@ class LeasingCounters:
             if len(self._seen) > MAX_LEASES:
                 del self._seen[next(iter(self._seen))]  # the oldest
 
-    async def _retire(self, lease: _Lease, now: float) -> None:
+    async def _retire(self, lease: Lease, now: float) -> None:
         """No more admissions from ``lease``; release it once its requests are done."""
         team = self._active.get(lease.team_id, {})
         for key in [k for k, v in team.items() if v is lease]:
@@ -461,7 +483,7 @@ class LeasingCounters:
         self._retired.setdefault(lease.team_id, []).append(lease)
         await self._release_if_done(lease, now)
 
-    async def _release_if_done(self, lease: _Lease, now: float) -> bool:
+    async def _release_if_done(self, lease: Lease, now: float) -> bool:
         """Release a retired lease whose requests are all done; True when it was."""
         if not lease.retired or lease.outstanding:
             return False
