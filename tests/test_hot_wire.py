@@ -178,3 +178,18 @@ async def test_hot_envoy_answers_are_the_full_paths(hot: Hot) -> None:
     # 10 completion tokens at 2e-7 and the one prompt token "hi" makes, at 1e-7.
     assert upstream_headers(answer)["x-budget-reserved-usd"] == "2.1e-06"
     assert upstream_headers(answer) != upstream_headers(first)  # its own reservation
+
+
+async def test_each_hot_answer_holds_its_own_estimate(hot: Hot) -> None:
+    await warm(hot, lambda: check(hot))
+    admits = hot.counters.local_admits
+    # The entry remembers the last sizing it priced; a different one is priced afresh.
+    for cost in (1e-6, 2.5e-6, 2.5e-6, 0.0, 1e-6):
+        answer = await check(hot, estimated_cost=cost)
+        assert answer.allowed and answer.reserved == cost
+    tokens = await check(hot, max_tokens=10, prompt_tokens=15, estimated_cost=0.0)
+    assert tokens.reserved == 0.0  # estimated_cost wins over tokens, as on the full path
+    request = pb.CheckBudgetRequest(api_key=hot.key, model="llama3", max_tokens=10)
+    priced = await hot.stub.CheckBudget(request)
+    assert priced.reserved == 2e-6  # 10 completion tokens of llama3 at 2e-7
+    assert not hot.full_checks and hot.counters.local_admits == admits + 7
