@@ -30,7 +30,7 @@ from server.storage.base import (
 )
 from server.storage.redis_counters import RedisCounters
 from server.storage.redis_keys import TeamKeys
-from server.storage.redis_pipeline import ScriptBatcher
+from server.storage.redis_pipeline import LINGER_CALLS, ScriptBatcher
 from server.windows import Window
 from services import RedisServer
 
@@ -319,3 +319,27 @@ async def test_a_lua_error_goes_to_its_caller_only_and_batches_are_bounded(
     await batcher.aclose()
     with pytest.raises(RuntimeError, match="after aclose"):
         await batcher.call(echo, [], ["1"])
+
+
+async def test_a_small_pipeline_waits_for_company_and_a_full_one_does_not(client: Redis) -> None:
+    echo = client.register_script(ECHO)
+    batcher = ScriptBatcher(client, linger=0.2)
+    first = asyncio.create_task(batcher.call(echo, [], ["first"]))  # nothing in flight: direct
+    await asyncio.sleep(0)
+    early = asyncio.create_task(batcher.call(echo, [], ["early"]))  # queued behind it
+    await first
+    await asyncio.sleep(0.02)  # the pipeline carrying "early" is waiting for company ...
+    late = [asyncio.create_task(batcher.call(echo, [], [str(i)])) for i in range(2)]
+    assert await asyncio.gather(early, *late) == ["early", "0", "1"]
+    assert (batcher.pipelines, batcher.pipelined_calls, batcher.direct_calls) == (1, 3, 1)
+
+    # LINGER_CALLS calls waiting: the pipeline goes at once, however long the linger.
+    slow_batcher = ScriptBatcher(client, linger=60.0)
+    head = asyncio.create_task(slow_batcher.call(echo, [], ["head"]))
+    await asyncio.sleep(0)
+    calls = [slow_batcher.call(echo, [], [str(i)]) for i in range(LINGER_CALLS)]
+    replies = await asyncio.wait_for(asyncio.gather(head, *calls), 10)
+    assert replies == ["head", *map(str, range(LINGER_CALLS))]
+    assert slow_batcher.pipelines == 1
+    await batcher.aclose()
+    await slow_batcher.aclose()
