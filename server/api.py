@@ -300,8 +300,11 @@ class BudgetAuthorityService(pb_grpc.BudgetAuthorityServicer):
 
     async def GetSpend(self, request: pb.GetSpendRequest, context: Context) -> pb.GetSpendResponse:
         await self._authorize(context)
-        with self._metrics.latency.labels("GetSpend").time():
+        started = time.perf_counter()
+        try:
             report = await self._guard(context, self._reports.spend(spend_request(request)))
+        finally:
+            self._metrics.observe_latency("GetSpend", time.perf_counter() - started)
         return spend_response(report)
 
     async def _decide(

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from server.authority import Decision, SpendResult
 from server.budget_metrics import SpendTotals, backend_of
 from server.errors import BudgetdError, Unavailable
+from server.loop_metrics import LoopCounter, LoopHistogram
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -29,21 +30,19 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # The labelled children the decision path counts into, looked up once each.
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
-        self.decisions = Counter(
+        # Updated on every decision, from the event loop only: plain integers, no locks.
+        self.decisions = LoopCounter(
             "budgetd_decisions",
             "CheckBudget answers by outcome, denial reason and the scope (key, team) that decided",
             ("outcome", "reason", "scope"),
             registry=self.registry,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "budgetd_rpc_duration_seconds",
             "Time to answer an RPC, by method",
-            ("method",),
-            registry=self.registry,
+            "method",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
         )
         self.soft_budget = Counter(
             "budgetd_soft_budget_exceeded",
@@ -85,22 +84,16 @@ class Metrics:
         self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def decision(self, decision: Decision) -> None:
+        """Count a CheckBudget (or Envoy Check) answer."""
         outcome = "allowed" if decision.allowed else "denied"
         scope = decision.scope.value if decision.scope else ""
-        labels = (outcome, decision.reason.value, scope)
-        child = self._decision_children.get(labels)
-        if child is None:  # prometheus' labels() locks and checks: done once per label set
-            child = self._decision_children[labels] = self.decisions.labels(*labels)
-        child.inc()
+        self.decisions.inc((outcome, decision.reason.value, scope))
         if decision.soft_budget_exceeded:
             self.soft_budget.labels(decision.team_id).inc()
 
     def observe_latency(self, rpc: str, seconds: float) -> None:
         """One answer of ``rpc`` into the latency histogram."""
-        child = self._latency_children.get(rpc)
-        if child is None:
-            child = self._latency_children[rpc] = self.latency.labels(rpc)
-        child.observe(seconds)
+        self.latency.observe(rpc, seconds)
 
     def spend(self, result: SpendResult) -> None:
         """Count a RecordSpend; only an applied one (not a duplicate) adds to the team's spend."""
