@@ -83,7 +83,7 @@ class Lease:
     consumed: int = 0
     outstanding: dict[str, tuple[int, float]] = field(default_factory=dict)
     retired: bool = False
-    key: LeaseKey = ("", ())  # the scope set it was taken for
+    which: tuple[str, LeaseKey] = ("", ("", ()))  # (team_id, the scope set it was taken for)
 
     def room(self) -> int | None:
         return None if self.granted is None else self.granted - self.consumed
@@ -247,7 +247,7 @@ class LeasingCounters:
             return None
         if len(self._by_reservation) >= self._max_outstanding:
             return None
-        self._count((lease.team_id, lease.key), now)
+        self._count(lease.which, now)
         self._take(lease, amount, reservation_id, hold_expires_at)
         return lease.states
 
@@ -410,7 +410,7 @@ class LeasingCounters:
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
-            lease = Lease(team_id, "", None, until, result.states, key=key)
+            lease = Lease(team_id, "", None, until, result.states, which=(team_id, key))
         else:
             # Below 2^53: the store shrinks a lease's hold with exact arithmetic.
             size = min(min(headroom) // LEASE_FRACTION, MAX_PARTIAL_RELEASE - 1)
@@ -425,7 +425,7 @@ class LeasingCounters:
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
-            lease = Lease(team_id, lease_id, size, until, result.states, key=key)
+            lease = Lease(team_id, lease_id, size, until, result.states, which=(team_id, key))
         if generation != self._generation:
             # The store failed (or failed over) while this lease was being taken: it is
             # not spent from; its hold is given back, or expires.
@@ -447,6 +447,12 @@ class LeasingCounters:
 
     def _count(self, which: tuple[str, _Key], now: float) -> None:
         second = int(now)
+        seen = self._rate.get(which)
+        if seen is not None and seen[0] == second:
+            # Again in the same second (every hot request): just count. The entry moves to
+            # the recent end of the eviction order once a second, in the branch below.
+            self._rate[which] = (second, seen[1] + 1, seen[2])
+            return
         last, count, before = self._rate.pop(which, (second, 0, 0))
         if last == second:
             self._rate[which] = (second, count + 1, before)
