@@ -46,7 +46,7 @@ from server.denials import (
     split_credential,
 )
 from server.envoy.openai import BodyError, RequestFacts, parse_request
-from server.envoy.wire import header_text, header_values, set_headers
+from server.envoy.wire import header_values, set_headers
 from server.errors import BudgetdError, grpc_code
 from server.hot import HotAllow, TemplateForms
 from server.identity import bearer_token
@@ -249,7 +249,8 @@ class AllowAnswers:
         answer.CopyFrom(base)
         reserved = nanos_to_usd(allow.reserved_nanos)
         headers = answer.ok_response.headers
-        headers[reservation_at].header.value = header_text(allow.reservation_id)
+        # budgetd's own ids are base64url, digits and dots: nothing for header_text to strip.
+        headers[reservation_at].header.value = allow.reservation_id
         headers[reserved_at].header.value = repr(reserved)
         # Straight into the Struct's map: its item assignment is Python code, this is not.
         fields = answer.dynamic_metadata.fields

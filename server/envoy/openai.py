@@ -63,6 +63,10 @@ class RequestFacts:
     stream: bool = False
 
 
+# The facts of a request whose body says nothing (immutable, so one will do).
+NO_FACTS = RequestFacts()
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Tokens a response reports it used, and the model it names (may be "")."""
@@ -88,7 +92,7 @@ def parse_request(body: bytes, max_bytes: int, content_type: str = "") -> Reques
     if len(body) > max_bytes:
         raise BodyTooLarge(f"request body is larger than {max_bytes} bytes ({len(body)})")
     if not body.strip() or (content_type and not is_json_type(content_type)):
-        return RequestFacts()
+        return NO_FACTS
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:
