@@ -50,7 +50,7 @@ class Metrics:
             ("team_id",),
             registry=self.registry,
         )
-        self.spends = Counter(
+        self.spends = LoopCounter(
             "budgetd_spend_records",
             "RecordSpend calls by result",
             ("result",),
@@ -97,7 +97,7 @@ class Metrics:
 
     def spend(self, result: SpendResult) -> None:
         """Count a RecordSpend; only an applied one (not a duplicate) adds to the team's spend."""
-        self.spends.labels("duplicate" if result.duplicate else "recorded").inc()
+        self.spends.inc(("duplicate",) if result.duplicate else ("recorded",))
         if not result.duplicate:
             self.spend_totals.add(result.team_id, result.cost_nanos)
 

@@ -246,7 +246,7 @@ class EnvoySpend(proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         try:
             if settlement.spend is None:
                 await self._authority.release(settlement.reservation_id)
-                self._metrics.spends.labels("released").inc()
+                self._metrics.spends.inc(("released",))
                 log.info("hold %s released: %s", settlement.reservation_id, settlement.why)
             else:
                 await self._record(settlement.spend)
@@ -259,10 +259,10 @@ class EnvoySpend(proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 type(exc).__name__,
                 exc,
             )
-            self._metrics.spends.labels("failed").inc()
+            self._metrics.spends.inc(("failed",))
         except Exception:
             log.exception("could not settle hold %s", settlement.reservation_id)
-            self._metrics.spends.labels("failed").inc()
+            self._metrics.spends.inc(("failed",))
 
     async def _record(self, spend: SpendRequest) -> None:
         started, result_id = time.perf_counter(), spend.request_id
