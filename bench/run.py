@@ -116,7 +116,7 @@ def parse_options(argv: list[str] | None) -> Options:
         "--concurrency", type=int, default=int(env.get("BENCH_CONCURRENCY", 16)),
         help="requests in flight, the same for budgetd and the floor",
     )  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=int(env.get("BENCH_ROUNDS", 2)))
+    parser.add_argument("--rounds", type=int, default=int(env.get("BENCH_ROUNDS", 3)))
     parser.add_argument("--teams", type=int, default=int(env.get("BENCH_TEAMS", 100_000)))
     parser.add_argument("--keys", type=int, default=int(env.get("BENCH_KEYS", 1_000_000)))
     parser.add_argument(
