@@ -24,7 +24,7 @@ from server.storage.base import (
     ScopeKind,
     SettleResult,
 )
-from server.storage.leasing import HOT_REQUESTS, LEASE_FRACTION, LeasingCounters
+from server.storage.leasing import HOT_REQUESTS, LEASE_FRACTION, LeasingCounters, lease_key
 from server.storage.memory_counters import MemoryCounters
 from server.storage.redis_counters import RedisCounters
 from server.windows import ALL_TIME
@@ -216,6 +216,40 @@ async def test_a_store_failure_stops_every_lease_at_once() -> None:
     store.down = False
     # The failed settle is still outstanding and can be retried.
     assert (await leasing.settle("t", "r1", found, 500, "q1", NOW, 3600)).applied
+
+
+async def test_a_kept_lease_handle_admits_nothing_once_the_lease_is_gone() -> None:
+    # The hot path keeps the handle lease_for gives; every way a lease ends must stop it.
+    store = Flaky()
+    leasing = LeasingCounters(store, lease_seconds=60.0, hot_requests=1)
+    found = await ready(store, 16_000_000)
+    key = lease_key(found, NEVER)
+    await leasing.reserve("t", found, 1000, "r0", NOW + TTL, NOW, NEVER)
+    await leasing.reserve("t", found, 1000, "r1", NOW + TTL, NOW, NEVER)
+    lease = leasing.lease_for("t", key)
+    assert lease is not None
+    assert leasing.admit_from(lease, 1000, "h1", NOW + TTL, NOW) is not None
+    assert leasing.admit_from(lease, -1, "h2", NOW + TTL, NOW) is None  # no negative holds
+    assert leasing.admit_from(lease, 1000, "h3", NOW + TTL, NOW + 60.0) is None  # time is up
+
+    store.failed_over = True  # deciding on Postgres: no lease is spent from
+    assert leasing.admit_from(lease, 1000, "h4", NOW + TTL, NOW) is None
+    store.failed_over = False
+    store.down = True  # the store failed: every lease retires at once
+    with pytest.raises(Unavailable):
+        await leasing.settle("t", "h1", found, 1000, "q1", NOW, 3600)
+    store.down = False
+    assert leasing.lease_for("t", key) is None
+    assert leasing.admit_from(lease, 1000, "h5", NOW + TTL, NOW) is None  # retired for good
+    assert leasing.admit_local("t", key, 1000, "h6", NOW + TTL, NOW) is None
+    admitted = leasing.local_admits
+    for rid in ("r2", "r3"):  # the store's answer first (fresh headroom), then a new lease
+        await leasing.reserve("t", found, 1000, rid, NOW + TTL, NOW, NEVER)
+    fresh = leasing.lease_for("t", key)
+    assert fresh is not None and fresh is not lease
+    assert leasing.admit_from(lease, 1000, "h7", NOW + TTL, NOW) is None
+    assert leasing.admit_from(fresh, 1000, "h8", NOW + TTL, NOW) is not None
+    assert leasing.local_admits == admitted + 2  # r3 and h8
 
 
 async def test_failing_over_to_postgres_forgets_the_leases() -> None:
