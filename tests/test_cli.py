@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -209,7 +210,7 @@ async def test_bridge_asks_a_running_budgetd(tmp_path: Path) -> None:
 async def test_workers_share_one_port_and_stop_together(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
-    port, metrics = free_port(), free_port()
+    port, metrics = free_port(), free_port_pair()
     env = clean_env(
         tmp_path, BUDGETD_MASTER_KEY="sk-test", DATABASE_URL=database_url, REDIS_URL=redis_url
     )
@@ -219,25 +220,17 @@ async def test_workers_share_one_port_and_stop_together(
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        # Each channel is one connection, which the kernel hands to one worker: several
-        # channels reach both, and both workers' metrics ports (metrics, metrics + 1) answer.
-        for _ in range(8):
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                answer = await health.Check(
-                    health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30
-                )
-                assert answer.status == health_pb2.HealthCheckResponse.SERVING
-        async with aiohttp.ClientSession() as http:
-            for worker_port in (metrics, metrics + 1):
-                for _ in range(50):
-                    with contextlib.suppress(aiohttp.ClientError):
-                        async with http.get(f"http://127.0.0.1:{worker_port}/healthz") as r:
-                            if r.status == 200:
-                                break
-                    await asyncio.sleep(0.2)
-                else:
-                    raise AssertionError(f"worker metrics on {worker_port} never answered")
+        await _serving_on_both(port, metrics)
+    except Exception as exc:
+        # Say why: a worker that failed to start stops them all, and the RPCs above only
+        # time out.
+        if proc.returncode is None:
+            proc.kill()
+        _, err = await proc.communicate()
+        raise AssertionError(
+            f"budgetd serve --workers 2 (exit {proc.returncode}): {exc!r}\n{err.decode()[-4000:]}"
+        ) from exc
+    try:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -245,6 +238,41 @@ async def test_workers_share_one_port_and_stop_together(
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0
+
+
+async def _serving_on_both(port: int, metrics: int) -> None:
+    # Each channel is one connection, which the kernel hands to one worker: several
+    # channels reach both, and both workers' metrics ports (metrics, metrics + 1) answer.
+    for _ in range(8):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = await health.Check(
+                health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    async with aiohttp.ClientSession() as http:
+        for worker_port in (metrics, metrics + 1):
+            for _ in range(50):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{worker_port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"worker metrics on {worker_port} never answered")
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 both free right now (worker i serves metrics on p + i)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free ports in a row")
 
 
 async def test_workers_need_shared_counters_and_a_fixed_port(tmp_path: Path) -> None:
