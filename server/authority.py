@@ -153,16 +153,17 @@ class Authority:
 
     async def check(self, req: CheckRequest) -> Decision:
         """CheckBudget: check every scope and rate limit, and hold the estimate, all or none."""
+        hot = self.check_hot(
+            req.api_key, req.model, req.user_id, req.request_id,
+            req.estimated_cost, req.max_tokens, req.prompt_tokens,
+        )  # fmt: skip
+        if hot is not None:
+            return answers.admitted(*hot)
         now = self._clock.now()
         estimate = self._estimate(req.model, req.estimated_cost, req.max_tokens, req.prompt_tokens)
         tokens = _estimated_tokens(req.max_tokens, req.prompt_tokens)
         validation.text(req.request_id, "request_id")
         hot_key = self._hot_key(req)
-        if hot_key is not None:
-            entry = self._hot.get(hot_key) if self._hot is not None else None
-            hot = self._hot_answer(entry, now, estimate, tokens) if entry is not None else None
-            if hot is not None:
-                return answers.admitted(*hot)
         writes = self._cached.writes if self._cached is not None else 0
         who = await self.principals.resolve(req, now)
         if isinstance(who, Decision):

@@ -241,7 +241,6 @@ async def test_a_kept_lease_handle_admits_nothing_once_the_lease_is_gone() -> No
     store.down = False
     assert leasing.lease_for("t", key) is None
     assert leasing.admit_from(lease, 1000, "h5", NOW + TTL, NOW) is None  # retired for good
-    assert leasing.admit_local("t", key, 1000, "h6", NOW + TTL, NOW) is None
     admitted = leasing.local_admits
     for rid in ("r2", "r3"):  # the store's answer first (fresh headroom), then a new lease
         await leasing.reserve("t", found, 1000, rid, NOW + TTL, NOW, NEVER)

@@ -211,21 +211,6 @@ class LeasingCounters:
         team = self._active.get(team_id)
         return team.get(key) if team is not None else None
 
-    def admit_local(
-        self,
-        team_id: str,
-        key: LeaseKey,
-        amount: int,
-        reservation_id: str,
-        hold_expires_at: float,
-        now: float,
-    ) -> tuple[CounterState, ...] | None:
-        """:meth:`admit_from` the live lease of the scope set ``key`` (from :func:`lease_key`)."""
-        lease = self.lease_for(team_id, key)
-        if lease is None:
-            return None
-        return self.admit_from(lease, amount, reservation_id, hold_expires_at, now)
-
     def admit_from(
         self,
         lease: Lease,
