@@ -185,7 +185,7 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> int:
 async def _serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
     """Migrate once, then run the workers (each its own ``budgetd serve``)."""
     assert settings.database_url  # check_workers
-    from server.storage.postgres import migrate as migrate_postgres  # noqa: PLC0415
+    from server.storage.postgres_migrations import migrate as migrate_postgres  # noqa: PLC0415
 
     await migrate_postgres(settings.database_url)
     return await supervise(argv, workers)
@@ -283,7 +283,7 @@ def _local_target(settings: Settings, port: int) -> str:
 async def _migrate(settings: Settings) -> int:
     # Each store's module (and its driver) is imported only by the command that uses it.
     if settings.database_url:
-        from server.storage.postgres import migrate as migrate_postgres  # noqa: PLC0415
+        from server.storage.postgres_migrations import migrate as migrate_postgres  # noqa: PLC0415
 
         applied = await migrate_postgres(settings.database_url)
         where = "postgres"

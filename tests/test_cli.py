@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness import make_settings, running_server
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
-from server.storage.postgres import _load_migrations
+from server.storage.postgres_migrations import load_migrations
 from services import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"
@@ -100,7 +100,7 @@ async def test_migrate_applies_postgres_migrations_once(tmp_path: Path, database
     code, out, err = await run("migrate", env=env)
     assert code == 0, err
     # Every shipped migration, in order (the list grows as the schema does).
-    shipped = [version for version, _ in _load_migrations()]
+    shipped = [version for version, _ in load_migrations()]
     assert shipped[0] == 1 and f"applied {shipped}" in out
     code, out, _ = await run("migrate", env=env)
     assert code == 0 and "nothing (up to date)" in out

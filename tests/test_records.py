@@ -32,7 +32,8 @@ from server.storage.base import (
     TeamRecord,
 )
 from server.storage.cached_records import CachedRecords
-from server.storage.postgres import PostgresRecords, _apply_migrations, _load_migrations
+from server.storage.postgres import PostgresRecords
+from server.storage.postgres_migrations import apply_migrations, load_migrations
 from server.storage.snapshots import visible
 from server.storage.sqlite import SqliteRecords, migration_files
 
@@ -538,9 +539,9 @@ async def test_the_cache_answers_the_team_upsert_from_a_fresh_team(
 async def test_postgres_migration_0004_keeps_existing_rows(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        early = [m for m in _load_migrations() if m[0] <= 3]
+        early = [m for m in load_migrations() if m[0] <= 3]
         assert [v for v, _ in early] == [1, 2, 3]
-        await _apply_migrations(conn, early)
+        await apply_migrations(conn, early)
         await conn.execute(
             "INSERT INTO teams (team_id, team_alias, max_budget, budget_duration, tpm_limit,"
             " rpm_limit, models, metadata, blocked, created_at)"

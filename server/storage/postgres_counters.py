@@ -21,7 +21,7 @@ Expired holds are ignored by every sum and purged (at most ``PURGE_LIMIT`` per c
 team's next reserve, settle or release. All instants come from the caller's ``now``, never
 from the database's clock.
 
-A scope's spend is the record store's own ledger sum (``_sum_spend_query``): a key's rows, a
+A scope's spend is the record store's own ledger sum (``sum_spend_query``): a key's rows, a
 team's, a member's (the team's rows of that ``user_id``), each optionally of one ``model``.
 
 Rate limits (rpm, tpm) are *not* in Postgres: each PostgresCounters keeps its limiters in
@@ -59,13 +59,9 @@ from server.storage.memory_limiters import RateLimiters, check_rates, now_ms
 
 # One conversion of instants, one translation of outages and one ledger sum per scope, shared
 # with the record store.
-from server.storage.postgres import (
-    _driver_errors,
-    _sum_spend_query,
-    _to_timestamp,
-    keep_session,
-    migrate,
-)
+from server.storage.postgres_driver import driver_errors, keep_session, to_timestamp
+from server.storage.postgres_ledger import sum_spend_query
+from server.storage.postgres_migrations import migrate
 
 _SQL_LOCK_TEAM: Final = "SELECT pg_advisory_xact_lock($1)"
 _SQL_PURGE: Final = f"""DELETE FROM budget_holds WHERE ctid = ANY(ARRAY(
@@ -122,7 +118,7 @@ class PostgresCounters:
                 await migrate(self._dsn)
             except RecordsUnavailable as exc:  # the counters' outage, not the record store's
                 raise Unavailable(str(exc)) from exc
-        async with _driver_errors(Unavailable):
+        async with driver_errors(Unavailable):
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=0,
@@ -139,7 +135,7 @@ class PostgresCounters:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
-        async with _driver_errors(Unavailable):
+        async with driver_errors(Unavailable):
             if self._pool is None:
                 raise Unavailable("postgres unavailable: the counter store is not started")
             async with self._pool.acquire(timeout=self._command_timeout) as conn:
@@ -171,7 +167,7 @@ class PostgresCounters:
             raise ValueError("a hold needs a reservation_id")
         async with self._connection() as conn, conn.transaction():
             await conn.execute(_SQL_LOCK_TEAM, team_lock_id(team_id))
-            await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
+            await conn.execute(_SQL_PURGE, team_id, to_timestamp(now))
             if reservation_id:
                 await conn.execute(_SQL_DROP_ANY_HOLD, team_id, reservation_id)
             states = await _states(conn, scopes, now)
@@ -196,11 +192,11 @@ class PostgresCounters:
                     reservation_id,
                     team_id,
                     nanos_to_decimal(amount),
-                    _to_timestamp(hold_expires_at),
+                    to_timestamp(hold_expires_at),
                     [scope.counter_id for scope in scopes],
                     [scope.kind.value for scope in scopes],
                     [scope.scope_id for scope in scopes],
-                    [_to_timestamp(scope.window.start) for scope in scopes],
+                    [to_timestamp(scope.window.start) for scope in scopes],
                 )
                 states = tuple(CounterState(s.spend, s.held + amount) for s in states)
         return ReserveResult(ReserveStatus.RESERVED, states, rates=decision.states)
@@ -252,7 +248,7 @@ class PostgresCounters:
         marker_seconds = dedupe_seconds(dedupe_ttl)
         now_ms(now)
         async with self._connection() as conn:
-            await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
+            await conn.execute(_SQL_PURGE, team_id, to_timestamp(now))
             if reservation_id and release_amount is None:
                 await conn.execute(_SQL_DROP_ANY_HOLD, team_id, reservation_id)
             states = await _states(conn, scopes, now)
@@ -287,8 +283,8 @@ class PostgresCounters:
     async def release(self, team_id: str, reservation_id: str, now: float) -> bool:
         """Drop a hold without spending; False when there was none (or it had expired)."""
         async with self._connection() as conn:
-            await conn.execute(_SQL_PURGE, team_id, _to_timestamp(now))
-            status = await conn.execute(_SQL_DROP_HOLD, team_id, reservation_id, _to_timestamp(now))
+            await conn.execute(_SQL_PURGE, team_id, to_timestamp(now))
+            status = await conn.execute(_SQL_DROP_HOLD, team_id, reservation_id, to_timestamp(now))
         return status != "DELETE 0"
 
 
@@ -296,11 +292,11 @@ async def _states(
     conn: PoolConnectionProxy[asyncpg.Record], scopes: Sequence[ScopeBudget], now: float
 ) -> tuple[CounterState, ...]:
     """Every scope's ledger spend in its window and its unexpired holds, exactly."""
-    rows = await conn.fetch(_SQL_HELD, [scope.counter_id for scope in scopes], _to_timestamp(now))
+    rows = await conn.fetch(_SQL_HELD, [scope.counter_id for scope in scopes], to_timestamp(now))
     held = {row["counter_id"]: decimal_to_nanos(row["held"]) for row in rows}
     states = []
     for scope in scopes:
-        query, args = _sum_spend_query(
+        query, args = sum_spend_query(
             scope.kind,
             scope.scope_id,
             scope.window.start,
