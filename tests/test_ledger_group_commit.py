@@ -240,3 +240,22 @@ async def test_close_lets_queued_inserts_commit_first(
     assert sorted(await ledger(conn)) == [f"q{i}" for i in range(6)]
     with pytest.raises(RecordsUnavailable):  # closed: later calls fail cleanly
         await store.insert_spend(spend("late"))
+
+
+async def test_a_saturated_pool_is_unavailable_after_the_timeout_and_then_recovers(
+    database_url: str,
+) -> None:
+    store = PostgresRecords(database_url, max_size=1, command_timeout=0.3)
+    await store.start()
+    try:
+        async with store._connection():  # the pool's only connection, held
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(RecordsUnavailable, match="postgres unavailable: TimeoutError"):
+                await store.get_team("team-1")
+            waited = asyncio.get_running_loop().time() - started
+            assert 0.25 <= waited < 5.0
+        # The abandoned wait left the pool whole: its connection serves the next call.
+        assert await store.get_team("team-1") is None
+        assert (await store.insert_spend(spend("after"))).inserted
+    finally:
+        await store.close()

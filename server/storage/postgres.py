@@ -217,8 +217,15 @@ class PostgresRecords:
                     "postgres unavailable: the record store is not started or closed"
                 )
             # A bounded wait: a saturated pool is reported as unavailable, not queued forever.
-            async with self._pool.acquire(timeout=self._command_timeout) as conn:
+            # (asyncio.timeout rather than acquire's own timeout, which wraps every acquire
+            # in a task of its own; queries still time out by the pool's command_timeout.)
+            pool = self._pool
+            async with asyncio.timeout(self._command_timeout):
+                conn = await pool.acquire()
+            try:
                 yield conn
+            finally:
+                await pool.release(conn)
 
     async def instance_secret(self) -> bytes:
         """The database's 32-byte secret, created by whichever replica asks first."""

@@ -12,7 +12,13 @@ from asyncpg.pool import PoolConnectionProxy
 from server.errors import InvalidArgument
 from server.storage.base import LedgerEntry, LedgerInsert, ScopeKind
 from server.storage.postgres_driver import UNAVAILABLE_ERRORS, or_none, to_timestamp, unavailable
-from server.storage.postgres_rows import LEDGER_COLUMNS, ledger_args, ledger_from_row, returned
+from server.storage.postgres_rows import (
+    LEDGER_COLUMNS,
+    as_stored,
+    ledger_args,
+    ledger_from_row,
+    returned,
+)
 
 # xact (migration 0002) is filled by its column default: the writing transaction's id.
 _SQL_INSERT_SPEND: Final = (
@@ -30,7 +36,7 @@ _SQL_INSERT_SPENDS: Final = (
     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[],"
     " $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[], $9::bigint[],"
     " $10::bigint[], $11::jsonb[], $12::text[])"
-    f" ON CONFLICT (request_id) DO NOTHING RETURNING {LEDGER_COLUMNS}, xact"
+    " ON CONFLICT (request_id) DO NOTHING RETURNING request_id, xact"
 )
 _SQL_GET_SPENDS: Final = (
     f"SELECT {LEDGER_COLUMNS}, xact FROM spend_ledger WHERE request_id = ANY($1::text[])"
@@ -154,8 +160,16 @@ async def insert_batch(
     results: list[LedgerInsert] = []
     answered: set[str] = set()
     for entry in entries:
-        row = returned(stored.get(entry.request_id))
         new = entry.request_id in inserted and entry.request_id not in answered
         answered.add(entry.request_id)
-        results.append(LedgerInsert(new, ledger_from_row(row), row["xact"]))
+        if entry.request_id in inserted:
+            # Written just now: the stored row is the entry itself, as the ledger holds it
+            # (RETURNING only its xact saves decoding every column back).
+            written = firsts[entry.request_id]
+            results.append(
+                LedgerInsert(new, as_stored(written), inserted[entry.request_id]["xact"])
+            )
+        else:
+            row = returned(stored.get(entry.request_id))
+            results.append(LedgerInsert(new, ledger_from_row(row), row["xact"]))
     return results

@@ -7,6 +7,7 @@ records. Each ``*_args`` tuple is in its ``*_COLUMNS`` order.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any, Final
 
@@ -212,3 +213,18 @@ def ledger_from_row(row: asyncpg.Record) -> LedgerEntry:
         metadata=row["metadata"] or {},
         user_id=row["user_id"],
     )
+
+
+def as_stored(entry: LedgerEntry) -> LedgerEntry:
+    """``entry`` as the ledger stores it: its instants floored to whole microseconds."""
+    return dataclasses.replace(
+        entry,
+        admitted_at=_stored_seconds(entry.admitted_at),
+        recorded_at=_stored_seconds(entry.recorded_at),
+    )
+
+
+def _stored_seconds(seconds: float) -> float:
+    """Unix seconds as a timestamptz column holds them (floored to the microsecond), as read."""
+    numerator, denominator = seconds.as_integer_ratio()
+    return (numerator * 1_000_000 // denominator) / 1_000_000
