@@ -713,7 +713,7 @@ class _Resolver:
         """enable_jwt_auth needs a key source; a PEM key must fit an allowed algorithm."""
         if jwt.public_key_pem is not None:
             # Only a configured key loads cryptography (server.jwt_auth), not every start.
-            from server.jwt_auth import describe_key, key_fits, load_public_key_pem  # noqa: PLC0415
+            from server.jwt_keys import describe_key, key_fits, load_public_key_pem  # noqa: PLC0415
 
             key = load_public_key_pem(jwt.public_key_pem)  # checked by the model
             if not any(key_fits(name, key) for name in jwt.algorithms):

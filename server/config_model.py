@@ -391,7 +391,7 @@ def parse_jwt_public_key(value: object) -> str:
     """A PEM public key (or certificate) that verifies JWTs: RSA >= 2048 bits, EC, EdDSA."""
     text = parse_text(value)
     # Only a configured key loads cryptography (server.jwt_auth), not every start.
-    from server.jwt_auth import load_public_key_pem  # noqa: PLC0415
+    from server.jwt_keys import load_public_key_pem  # noqa: PLC0415
 
     load_public_key_pem(text)  # raises ValueError saying what is wrong
     if "\n" not in text and "\\n" in text:

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 RSA_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-# The ECDSA algorithms; server.jwt_auth.EC_CURVES gives each one's curve (same names, same order).
+# The ECDSA algorithms; server.jwt_keys.EC_CURVES gives each one's curve (same names, same order).
 EC_ALGORITHMS: Final = ("ES256", "ES256K", "ES384", "ES512")
 # RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
 HMAC_KEY_BYTES: Final[Mapping[str, int]] = MappingProxyType({"HS256": 32, "HS384": 48, "HS512": 64})
