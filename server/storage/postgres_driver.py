@@ -77,14 +77,19 @@ async def init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
         )
 
 
-def to_timestamp(seconds: float) -> datetime:
-    """Unix seconds as a timestamptz, floored to Postgres' microsecond resolution.
+def to_micros(seconds: float) -> int:
+    """Unix seconds as whole microseconds since the epoch, floored: what a timestamptz holds.
 
     Exact (integer arithmetic on the float's ratio) and floored rather than rounded, so an
     instant never crosses a whole-second window boundary on its way into the ledger.
     """
     numerator, denominator = seconds.as_integer_ratio()
-    return _EPOCH + timedelta(microseconds=numerator * 1_000_000 // denominator)
+    return numerator * 1_000_000 // denominator
+
+
+def to_timestamp(seconds: float) -> datetime:
+    """Unix seconds as a timestamptz, floored to Postgres' microsecond resolution."""
+    return _EPOCH + timedelta(microseconds=to_micros(seconds))
 
 
 def or_none(convert: Callable[[_In], _Out], value: _In | None) -> _Out | None:

@@ -151,24 +151,20 @@ async def insert_batch(
     rows = sorted(firsts.values(), key=lambda entry: entry.request_id)
     columns = [list(column) for column in zip(*map(ledger_args, rows), strict=True)]
     inserted = {row["request_id"]: row for row in await conn.fetch(_SQL_INSERT_SPENDS, *columns)}
-    stored = dict(inserted)
     conflicts = [request_id for request_id in firsts if request_id not in inserted]
+    stored = {}
     if conflicts:  # the ledger is append-only, so the conflicting rows are still there
-        stored.update(
-            {row["request_id"]: row for row in await conn.fetch(_SQL_GET_SPENDS, conflicts)}
-        )
+        stored = {row["request_id"]: row for row in await conn.fetch(_SQL_GET_SPENDS, conflicts)}
     results: list[LedgerInsert] = []
     answered: set[str] = set()
     for entry in entries:
         new = entry.request_id in inserted and entry.request_id not in answered
         answered.add(entry.request_id)
-        if entry.request_id in inserted:
-            # Written just now: the stored row is the entry itself, as the ledger holds it
+        written = inserted.get(entry.request_id)
+        if written is not None:
+            # Written just now: the stored row is the first entry, as the ledger holds it
             # (RETURNING only its xact saves decoding every column back).
-            written = firsts[entry.request_id]
-            results.append(
-                LedgerInsert(new, as_stored(written), inserted[entry.request_id]["xact"])
-            )
+            results.append(LedgerInsert(new, as_stored(firsts[entry.request_id]), written["xact"]))
         else:
             row = returned(stored.get(entry.request_id))
             results.append(LedgerInsert(new, ledger_from_row(row), row["xact"]))

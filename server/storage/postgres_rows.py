@@ -16,7 +16,7 @@ import asyncpg
 from server.money import decimal_to_nanos, nanos_to_decimal
 from server.storage.base import KeyRecord, LedgerEntry, MemberRecord, TeamRecord
 from server.storage.model_budgets import decode_model_budgets, encode_model_budgets
-from server.storage.postgres_driver import or_none, to_timestamp
+from server.storage.postgres_driver import or_none, to_micros, to_timestamp
 
 TEAM_COLUMNS: Final = (
     "team_id, team_alias, max_budget, budget_duration, tpm_limit, rpm_limit, models,"
@@ -216,15 +216,10 @@ def ledger_from_row(row: asyncpg.Record) -> LedgerEntry:
 
 
 def as_stored(entry: LedgerEntry) -> LedgerEntry:
-    """``entry`` as the ledger stores it: its instants floored to whole microseconds."""
+    """``entry`` as the ledger stores and reads it back: its instants floored to whole
+    microseconds (the same float ``datetime.timestamp()`` gives for the stored value)."""
     return dataclasses.replace(
         entry,
-        admitted_at=_stored_seconds(entry.admitted_at),
-        recorded_at=_stored_seconds(entry.recorded_at),
+        admitted_at=to_micros(entry.admitted_at) / 1_000_000,
+        recorded_at=to_micros(entry.recorded_at) / 1_000_000,
     )
-
-
-def _stored_seconds(seconds: float) -> float:
-    """Unix seconds as a timestamptz column holds them (floored to the microsecond), as read."""
-    numerator, denominator = seconds.as_integer_ratio()
-    return (numerator * 1_000_000 // denominator) / 1_000_000
