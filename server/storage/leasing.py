@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -55,7 +56,7 @@ _RETRY_GRACE = 60.0  # a settle that failed keeps its request outstanding this l
 LEASE_FRACTION = 16  # a lease holds at most this fraction of the headroom it was cut from
 MIN_LEASE_REQUESTS = 8  # ... and at least this many requests' worth, or there is no lease
 # Bounds on memory: active leases and remembered headroom (past them, requests go to the
-# store), and requests admitted from leases that are not settled yet (each ~150 bytes).
+# store), and requests admitted from leases that are not settled yet (each ~200 bytes).
 MAX_LEASES = 10_000
 # Only a hot scope set gets a lease: one that saw this many decisions here in the current or
 # the previous second. Quiet keys are decided by the store, so an idle key holds nothing.
@@ -81,7 +82,12 @@ class Lease:
     admit_until: float
     states: tuple[CounterState, ...]  # the counters as the store answered the lease
     consumed: int = 0
-    outstanding: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # Requests admitted and not yet settled: reservation id -> (amount, hold expiry), in
+    # admission order. Ordered for the sweep, which frees expired ones from the front: a
+    # plain dict only compacts as it grows, so on a retired lease (which no longer grows)
+    # each next(iter()) would rescan every slot freed before it, quadratic in the requests
+    # a sweep frees (measured: 11 ms for one second's 8,500 requests, 340 ms for 50,000).
+    outstanding: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
     retired: bool = False
     which: tuple[str, LeaseKey] = ("", ("", ()))  # (team_id, the scope set it was taken for)
 
