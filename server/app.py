@@ -19,7 +19,6 @@ from server.api import BudgetAuthorityService
 from server.authority import Authority
 from server.budget_metrics import BudgetCollector
 from server.clock import Clock, SystemClock
-from server.config import Settings
 from server.envoy import SERVICE_NAMES as ENVOY_SERVICES
 from server.envoy import add_envoy_services
 from server.envoy.ext_proc import EnvoySpend
@@ -29,6 +28,7 @@ from server.identity import ReservationCodec
 from server.metrics import Metrics, MetricsServer
 from server.principals import Principals
 from server.reports import SpendReports
+from server.settings import Settings
 from server.spool import Spool
 from server.storage.base import CounterStore, RecordStore
 from server.storage.cached_records import CachedRecords

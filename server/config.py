@@ -24,24 +24,25 @@ section provides variables too, below the real environment; they are what ``os.e
 and the variables above see. ``os.environ/NAME`` is replaced wherever it appears in a string
 value; an unset NAME is an error in every key budgetd reads, and is left as is in the LiteLLM
 keys budgetd ignores (a provider's ``api_key``, for instance).
+
+This module resolves; the pieces it builds on are :mod:`server.settings` (the resolved
+dataclasses, re-exported here), :mod:`server.config_scalars` (which override, environment
+variables and file keys set each scalar setting), :mod:`server.config_yaml` (reading the file)
+and :mod:`server.config_problems` (a key's dotted path, pydantic's errors in budgetd's words).
+The file's shape and the checks of each value are :mod:`server.config_model`'s.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Generic, TypeVar, cast
-from zoneinfo import ZoneInfo
+from typing import Final, TypeVar, cast
 
-import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
 from server.config_model import (
     BudgetdSection,
@@ -49,32 +50,17 @@ from server.config_model import (
     JwtAuthSection,
     ModelEntry,
     describe,
-    parse_address,
-    parse_body_bytes,
-    parse_bool,
-    parse_cache_ttl,
-    parse_deny_status,
-    parse_enforcement,
     parse_http_urls,
-    parse_incomplete_response,
-    parse_log_level,
-    parse_path,
-    parse_postgres_down,
-    parse_postgres_url,
-    parse_redis_down,
-    parse_redis_url,
-    parse_seconds,
-    parse_secret,
     parse_text,
-    parse_timezone,
-    section_at,
     type_at,
 )
+from server.config_problems import dotted, explain
+from server.config_scalars import SCALARS, Scalar, unknown_override
+from server.config_yaml import read_yaml
 from server.errors import ConfigError
 from server.jwt_types import DEFAULT_ALGORITHMS as DEFAULT_JWT_ALGORITHMS
 from server.jwt_types import HMAC_KEY_BYTES
-from server.rules import Enforcement
-from server.windows import Duration, parse_duration
+from server.settings import DefaultTeamSettings, JwtSettings, ModelPrice, Settings
 
 __all__ = [
     "ConfigError",
@@ -82,6 +68,7 @@ __all__ = [
     "JwtSettings",
     "ModelPrice",
     "Settings",
+    "dotted",
     "load_settings",
 ]
 
@@ -91,202 +78,8 @@ COMMAND_LINE: Final = "command line"
 # Above this many values the file is rejected (YAML aliases can expand exponentially).
 _MAX_VALUES = 200_000
 _ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_TYPE_MESSAGES: Final[Mapping[str, str]] = {
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-    "int_type": "must be a whole number",
-    "float_type": "must be a number",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-    "list_type": "must be a list",
-    "tuple_type": "must be a list",
-}
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelPrice:
-    """A model's price in USD per token, exact."""
-
-    input_cost_per_token: Decimal
-    output_cost_per_token: Decimal
-
-
-@dataclass(frozen=True, slots=True)
-class DefaultTeamSettings:
-    """An entry of ``litellm_settings.default_team_settings`` (budgets in USD)."""
-
-    team_id: str
-    team_alias: str | None = None
-    max_budget: float | None = None
-    budget_duration: str | None = None
-    tpm_limit: int | None = None
-    rpm_limit: int | None = None
-    models: tuple[str, ...] = ()
-    team_member_budget: float | None = None
-    team_member_budget_duration: str | None = None
-    team_member_rpm_limit: int | None = None
-    team_member_tpm_limit: int | None = None
-
-    @property
-    def duration(self) -> Duration | None:
-        """``budget_duration`` parsed (None: the budget never resets)."""
-        return parse_duration(self.budget_duration)
-
-    @property
-    def team_member_duration(self) -> Duration | None:
-        """``team_member_budget_duration`` parsed."""
-        return parse_duration(self.team_member_budget_duration)
-
-
-@dataclass(frozen=True, slots=True)
-class JwtSettings:
-    """JWT authentication: ``general_settings.enable_jwt_auth``, ``litellm_jwtauth``, env."""
-
-    enabled: bool = False
-    team_id_upsert: bool = False
-    team_id_jwt_field: str | None = None
-    team_ids_jwt_field: str | None = None
-    team_id_default: str | None = None
-    org_id_jwt_field: str | None = None
-    user_id_jwt_field: str | None = None
-    user_id_upsert: bool = False
-    user_email_jwt_field: str | None = None
-    user_allowed_email_domain: str | None = None
-    end_user_id_jwt_field: str | None = None
-    admin_jwt_scope: str = "litellm_proxy_admin"
-    public_key_ttl: float = 600.0
-    public_key_url: str | None = None  # JWT_PUBLIC_KEY_URL (comma-separated JWKS URLs)
-    audience: str | None = None  # JWT_AUDIENCE, else budgetd.jwt_audience
-    issuer: str | None = None  # JWT_ISSUER, else budgetd.jwt_issuer
-    public_key_pem: str | None = field(default=None, repr=False)  # budgetd.jwt_public_key
-    # budgetd.jwt_algorithms; unset: DEFAULT_ALGORITHMS, plus the HS ones the secret is long
-    # enough for when budgetd.jwt_hmac_secret is set.
-    algorithms: tuple[str, ...] = DEFAULT_JWT_ALGORITHMS
-    hmac_secret: str | None = field(default=None, repr=False)  # budgetd.jwt_hmac_secret
-    leeway: float = 30.0  # budgetd.jwt_leeway: seconds of clock skew on exp/nbf/iat
-
-
-def _no_prices() -> Mapping[str, ModelPrice]:
-    return MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """budgetd's resolved configuration. ``Settings()`` is the all-defaults configuration."""
-
-    grpc_addr: str = "127.0.0.1:50051"
-    metrics_addr: str = "127.0.0.1:9464"
-    bridge_listen: str = "127.0.0.1:4000"
-    bridge_target: str = "127.0.0.1:50051"
-    database_url: str | None = field(default=None, repr=False)
-    redis_url: str | None = field(default=None, repr=False)
-    redis_cluster: bool = False
-    data_dir: Path = Path(".budgetd")
-    master_key: str | None = field(default=None, repr=False)
-    enforcement: Enforcement = Enforcement.CROSS_ONCE
-    reservation_ttl: float = 600.0
-    timezone: str = "UTC"
-    log_level: str = "info"
-    # HTTP status of a denial at a gateway (LiteLLM's 400); key problems are 401, rate 429.
-    deny_status: int = 400
-    # When the upstream fails or the client leaves mid-response: "release" the hold (charge
-    # nothing) or charge the "estimate" that was held.
-    incomplete_response: str = "release"
-    # The largest request/response body budgetd reads for model, max_tokens and usage.
-    max_body_bytes: int = 1024 * 1024
-    # Failure policy (DESIGN §8). Redis down: decide on the exact Postgres path ("postgres")
-    # or answer UNAVAILABLE ("deny"). Postgres down: keep deciding from cached keys and
-    # Redis and spool acknowledged spend to disk ("spool"), or answer UNAVAILABLE ("deny").
-    redis_down: str = "postgres"
-    postgres_down: str = "spool"
-    spool_dir: Path | None = None  # None: <data_dir>/spool
-    # Seconds a key or team read from Postgres is reused: how long a change made through
-    # another replica (a revoked key, a new budget) takes to apply here.
-    record_cache_ttl: float = 5.0
-    # Quota leasing (server/storage/leasing.py): seconds a replica admits from one lease of
-    # headroom before asking Redis again; 0 sends every decision to Redis.
-    lease_seconds: float = 1.0
-    prices: Mapping[str, ModelPrice] = field(default_factory=_no_prices)
-    default_team_settings: tuple[DefaultTeamSettings, ...] = ()
-    jwt: JwtSettings = field(default_factory=JwtSettings)
-    success_callback: tuple[str, ...] = ()
-    failure_callback: tuple[str, ...] = ()
-    metrics_enabled: bool = True
-    multi_instance_rate_limiting: bool = False
-    config_path: Path | None = None
-
-    @property
-    def spool_path(self) -> Path:
-        """Where RecordSpend spools acknowledged spend while Postgres is down."""
-        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
-
-    @property
-    def tzinfo(self) -> dt.tzinfo:
-        """The time zone budget windows are aligned in."""
-        return dt.UTC if self.timezone == "UTC" else ZoneInfo(self.timezone)
-
-
-@dataclass(frozen=True, slots=True)
-class _Scalar(Generic[T]):
-    """A setting taken from an override, else environment variables, else file keys."""
-
-    parse: Callable[[object], T]
-    default: T
-    env: tuple[str, ...] = ()
-    file: tuple[tuple[str, ...], ...] = ()
-
-
-_DEFAULT: Final = Settings()
-
-
-def _budgetd(key: str, parse: Callable[[object], T], default: T) -> _Scalar[T]:
-    return _Scalar(parse, default, (f"BUDGETD_{key.upper()}",), (("budgetd", key),))
-
-
-# The settings a command-line override may set, by Settings field name.
-_SCALARS: Final[Mapping[str, _Scalar[Any]]] = {
-    "grpc_addr": _budgetd("grpc_addr", parse_address, _DEFAULT.grpc_addr),
-    "metrics_addr": _budgetd("metrics_addr", parse_address, _DEFAULT.metrics_addr),
-    "bridge_listen": _budgetd("bridge_listen", parse_address, _DEFAULT.bridge_listen),
-    "bridge_target": _budgetd("bridge_target", parse_address, _DEFAULT.bridge_target),
-    "database_url": _Scalar(
-        parse_postgres_url,
-        None,
-        ("DATABASE_URL",),
-        (("budgetd", "database_url"), ("general_settings", "database_url")),
-    ),
-    "redis_url": _Scalar(parse_redis_url, None, ("REDIS_URL",), (("budgetd", "redis_url"),)),
-    "redis_cluster": _budgetd("redis_cluster", parse_bool, False),
-    "data_dir": _budgetd("data_dir", parse_path, _DEFAULT.data_dir),
-    "master_key": _Scalar(
-        parse_secret,
-        None,
-        ("BUDGETD_MASTER_KEY", "LITELLM_MASTER_KEY"),
-        (("general_settings", "master_key"),),
-    ),
-    "enforcement": _budgetd("enforcement", parse_enforcement, _DEFAULT.enforcement),
-    "reservation_ttl": _budgetd("reservation_ttl", parse_seconds, _DEFAULT.reservation_ttl),
-    "timezone": _budgetd("timezone", parse_timezone, _DEFAULT.timezone),
-    "log_level": _budgetd("log_level", parse_log_level, _DEFAULT.log_level),
-    "deny_status": _budgetd("deny_status", parse_deny_status, _DEFAULT.deny_status),
-    "incomplete_response": _budgetd(
-        "incomplete_response", parse_incomplete_response, _DEFAULT.incomplete_response
-    ),
-    "max_body_bytes": _budgetd("max_body_bytes", parse_body_bytes, _DEFAULT.max_body_bytes),
-    "redis_down": _budgetd("redis_down", parse_redis_down, _DEFAULT.redis_down),
-    "postgres_down": _budgetd("postgres_down", parse_postgres_down, _DEFAULT.postgres_down),
-    "spool_dir": _budgetd("spool_dir", parse_path, _DEFAULT.spool_dir),
-    "record_cache_ttl": _budgetd("record_cache_ttl", parse_cache_ttl, _DEFAULT.record_cache_ttl),
-    "lease_seconds": _budgetd("lease_seconds", parse_cache_ttl, _DEFAULT.lease_seconds),
-    "metrics_enabled": _Scalar(parse_bool, True, ("BUDGETD_METRICS",), (("budgetd", "metrics"),)),
-    "multi_instance_rate_limiting": _Scalar(
-        parse_bool, False, ("EXPERIMENTAL_MULTI_INSTANCE_RATE_LIMITING",)
-    ),
-}
 
 
 def load_settings(
@@ -306,84 +99,6 @@ def load_settings(
     path = None if config_path is None else Path(config_path)
     resolver = _Resolver(path, env, {k: v for k, v in (overrides or {}).items() if v is not None})
     return resolver.settings()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the file
-# --------------------------------------------------------------------------------------------
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing duplicate keys (PyYAML keeps the last silently)."""
-
-
-def _construct_mapping(loader: _YamlLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, str | int | float | bool) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while reading a mapping",
-                node.start_mark,
-                f"duplicate key {key!r}",
-                key_node.start_mark,
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_yaml(path: Path) -> dict[Any, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.load(text, Loader=_YamlLoader)
-    except yaml.MarkedYAMLError as exc:
-        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of sections such as budgetd: and "
-            f"general_settings: (got {describe(data)})"
-        )
-    return data
-
-
-def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
-    mark = exc.problem_mark or exc.context_mark
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    text = f"{where}invalid YAML: {exc.problem or exc}"
-    if exc.context and exc.context_mark and exc.context_mark is not mark:
-        text += f" ({exc.context} at line {exc.context_mark.line + 1})"
-    return text
-
-
-def dotted(loc: tuple[object, ...]) -> str:
-    """``("model_list", 0, "model_name")`` -> ``model_list[0].model_name``."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int) and not isinstance(part, bool):
-            text += f"[{part}]"
-        elif isinstance(part, str) and _PLAIN_KEY.match(part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{part!r}]"
-    return text or "(top level)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,9 +141,9 @@ class _Resolver:
         if self.path is not None:
             self.load_file(self.path)
         for name in self.overrides:
-            if name not in _SCALARS:
-                self.problem(_Origin(COMMAND_LINE, name), _unknown_override(name))
-        scalars = {name: self.scalar(name, spec) for name, spec in _SCALARS.items()}
+            if name not in SCALARS:
+                self.problem(_Origin(COMMAND_LINE, name), unknown_override(name))
+        scalars = {name: self.scalar(name, spec) for name, spec in SCALARS.items()}
         built = Settings(
             grpc_addr=scalars["grpc_addr"],
             metrics_addr=scalars["metrics_addr"],
@@ -466,7 +181,7 @@ class _Resolver:
         return built
 
     def load_file(self, path: Path) -> None:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
         if "include" in raw:
             self.problem(
                 self.in_file(("include",)),
@@ -486,7 +201,7 @@ class _Resolver:
             self.file = FileConfig.model_validate(data)
         except ValidationError as exc:
             for error in exc.errors(include_url=False):
-                loc, message = _explain(error)
+                loc, message = explain(error)
                 self.problem(self.in_file(loc), message)
 
     def file_environment(self, section: object) -> dict[str, str]:
@@ -547,7 +262,7 @@ class _Resolver:
             return self.file_env[name], self.in_file(("environment_variables", name))
         return None
 
-    def scalar(self, name: str, spec: _Scalar[T]) -> T:
+    def scalar(self, name: str, spec: Scalar[T]) -> T:
         candidates: list[tuple[object, _Origin]] = []
         if name in self.overrides:
             candidates.append((self.overrides[name], _Origin(COMMAND_LINE, name)))
@@ -781,40 +496,3 @@ def _entry_price(entry: ModelEntry) -> ModelPrice | None:
     return ModelPrice(
         zero if given_in is None else given_in, zero if given_out is None else given_out
     )
-
-
-def _explain(error: ErrorDetails) -> tuple[tuple[object, ...], str]:
-    """A pydantic error as (location, message in budgetd's words)."""
-    loc: tuple[object, ...] = tuple(error["loc"])
-    kind = error["type"]
-    if "[key]" in loc:
-        loc = loc[: loc.index("[key]")]
-        prefix = "the key "
-    else:
-        prefix = ""
-    if kind == "value_error":
-        cause = (error.get("ctx") or {}).get("error")
-        return loc, prefix + str(cause if cause is not None else error["msg"])
-    if kind == "extra_forbidden":
-        return loc, _unknown_key(loc)
-    if kind == "missing":
-        return loc, "is required"
-    message = _TYPE_MESSAGES.get(kind, error["msg"])
-    return loc, f"{prefix}{message} (got {describe(error.get('input'))})"
-
-
-def _unknown_key(loc: tuple[object, ...]) -> str:
-    section = section_at(loc[:-1])
-    key = loc[-1] if loc else ""
-    if not isinstance(key, str):
-        return f"keys must be strings (got {describe(key)})"
-    known = sorted(section.known_keys()) if section else []
-    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    return "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-
-
-def _unknown_override(name: str) -> str:
-    if name in Settings.__dataclass_fields__:
-        return "cannot be set from the command line; set it in the config file"
-    hint = difflib.get_close_matches(name, sorted(_SCALARS), n=1, cutoff=0.75)
-    return "unknown setting" + (f" (did you mean {hint[0]!r}?)" if hint else "")

@@ -72,7 +72,7 @@ from server.jwt_types import (
 )
 
 if TYPE_CHECKING:
-    from server.config import JwtSettings
+    from server.settings import JwtSettings
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from server import validation
-from server.config import DefaultTeamSettings
 from server.decision import CheckRequest, Decision, Reason, refusal
 from server.errors import InvalidArgument
 from server.identity import hash_api_key
 from server.jwt_types import JwtIdentity, JwtInvalid
 from server.scopes import Principal
+from server.settings import DefaultTeamSettings
 from server.storage.base import KeyRecord, RecordStore, ScopeKind, TeamRecord
 
 log = logging.getLogger("budgetd.principals")

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from server.app import split_address
-from server.config import Settings
 from server.errors import ConfigError
+from server.settings import Settings
 
 log = logging.getLogger("budgetd.workers")
 

@@ -11,9 +11,9 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 
 from server.authority import Authority
-from server.config import Settings
 from server.envoy import authz, ext_proc
 from server.metrics import Metrics
+from server.settings import Settings
 
 SERVICE_NAMES = (authz.SERVICE_NAME, ext_proc.SERVICE_NAME)
 

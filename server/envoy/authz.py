@@ -33,7 +33,6 @@ from google.protobuf import struct_pb2
 
 from server import answers, request_log
 from server.authority import Authority, CheckRequest, Decision
-from server.config import Settings
 from server.denials import (
     ALLOW_HEADERS,
     HEADER_RESERVATION_ID,
@@ -52,6 +51,7 @@ from server.hot import HotAllow, TemplateForms
 from server.identity import bearer_token
 from server.metrics import Metrics
 from server.money import nanos_to_usd
+from server.settings import Settings
 from server.validation import MAX_TEXT
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"

@@ -37,7 +37,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 
 from server import request_log
 from server.authority import Authority, SpendRequest
-from server.config import Settings
 from server.denials import HEADER_MODEL, HEADER_RESERVATION_ID, HEADER_RESERVED
 from server.envoy.openai import Usage, UsageReader
 from server.envoy.wire import header_values
@@ -45,6 +44,7 @@ from server.errors import BudgetdError, FailedPrecondition
 from server.metrics import Metrics
 from server.money import MAX_USD
 from server.pricing import Price
+from server.settings import Settings
 from server.validation import MAX_TEXT
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
