@@ -29,7 +29,8 @@ This module resolves; the pieces it builds on are :mod:`server.settings` (the re
 dataclasses, re-exported here), :mod:`server.config_scalars` (which override, environment
 variables and file keys set each scalar setting), :mod:`server.config_yaml` (reading the file)
 and :mod:`server.config_problems` (a key's dotted path, pydantic's errors in budgetd's words).
-The file's shape and the checks of each value are :mod:`server.config_model`'s.
+The file's shape is :mod:`server.config_model`'s and the checks of each value are
+:mod:`server.config_values`'s.
 """
 
 from __future__ import annotations
@@ -44,18 +45,10 @@ from typing import Final, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
-from server.config_model import (
-    BudgetdSection,
-    FileConfig,
-    JwtAuthSection,
-    ModelEntry,
-    describe,
-    parse_http_urls,
-    parse_text,
-    type_at,
-)
+from server.config_model import BudgetdSection, FileConfig, JwtAuthSection, ModelEntry, type_at
 from server.config_problems import dotted, explain
 from server.config_scalars import SCALARS, Scalar, unknown_override
+from server.config_values import describe, parse_http_urls, parse_text
 from server.config_yaml import read_yaml
 from server.errors import ConfigError
 from server.jwt_types import DEFAULT_ALGORITHMS as DEFAULT_JWT_ALGORITHMS

@@ -15,7 +15,8 @@ from typing import Final
 
 from pydantic_core import ErrorDetails
 
-from server.config_model import describe, section_at
+from server.config_model import section_at
+from server.config_values import describe
 
 __all__ = ["dotted", "explain"]
 

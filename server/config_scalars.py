@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from server.config_model import (
+from server.config_values import (
     parse_address,
     parse_body_bytes,
     parse_bool,

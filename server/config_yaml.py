@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from server.config_model import describe
+from server.config_values import describe
 from server.errors import ConfigError
 
 __all__ = ["read_yaml"]
