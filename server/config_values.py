@@ -290,8 +290,8 @@ def parse_postgres_down(value: object) -> str:
     return _choice(value, POSTGRES_DOWN_CHOICES)
 
 
-def parse_cache_ttl(value: object) -> float:
-    """Seconds a cached key or team is used without asking Postgres: 0 to 3600."""
+def _bounded_seconds(value: object, most: float) -> float:
+    """A number of seconds, or a duration such as "30s", from 0 to ``most``."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"must be a number of seconds or a duration (got {describe(value)})")
     if isinstance(value, str):
@@ -301,9 +301,14 @@ def parse_cache_ttl(value: object) -> float:
             seconds = _duration_seconds(value)
     else:
         seconds = float(value)
-    if not 0 <= seconds <= MAX_RECORD_CACHE_TTL:  # also refuses NaN
-        raise ValueError(f"must be from 0 to 3600 seconds (got {describe(value)})")
+    if not 0 <= seconds <= most:  # also refuses NaN
+        raise ValueError(f"must be from 0 to {most:g} seconds (got {describe(value)})")
     return seconds
+
+
+def parse_cache_ttl(value: object) -> float:
+    """Seconds a cached key or team is used without asking Postgres: 0 to 3600."""
+    return _bounded_seconds(value, MAX_RECORD_CACHE_TTL)
 
 
 def parse_body_bytes(value: object) -> int:
@@ -405,15 +410,4 @@ def parse_jwt_hmac_secret(value: object) -> str:
 
 def parse_jwt_leeway(value: object) -> float:
     """Seconds of clock skew allowed on JWT exp/nbf/iat: 0 to 300."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"must be a number of seconds or a duration (got {describe(value)})")
-    if isinstance(value, str):
-        try:
-            seconds = float(value.strip())
-        except ValueError:
-            seconds = _duration_seconds(value)
-    else:
-        seconds = float(value)
-    if not 0 <= seconds <= MAX_JWT_LEEWAY:  # also refuses NaN
-        raise ValueError(f"must be from 0 to {MAX_JWT_LEEWAY:g} seconds (got {describe(value)})")
-    return seconds
+    return _bounded_seconds(value, MAX_JWT_LEEWAY)
