@@ -4,7 +4,7 @@ The file is LiteLLM's ``config.yaml`` plus a ``budgetd:`` section. The ``budgetd
 ours and forbids unknown keys. LiteLLM's sections accept the keys LiteLLM documents (the ones
 budgetd does not use are listed in :mod:`server.config_litellm_keys` and dropped), so a typo is
 still caught. Each field's type runs one of the value checks of :mod:`server.config_values`
-(the ones other modules import from here are re-exported in ``__all__``). This module only
+(which its importers import from there directly). This module only
 describes and checks; :mod:`server.config` loads the file, layers environment variables and
 command-line overrides over it and builds ``Settings``.
 """
@@ -22,7 +22,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
 from server.config_litellm_keys import LITELLM_IGNORED_KEYS
 from server.config_values import (
-    describe,
     parse_address,
     parse_body_bytes,
     parse_bool,
@@ -31,7 +30,6 @@ from server.config_values import (
     parse_count,
     parse_deny_status,
     parse_enforcement,
-    parse_http_urls,
     parse_incomplete_response,
     parse_jwt_algorithms,
     parse_jwt_hmac_secret,
@@ -65,25 +63,6 @@ __all__ = [
     "PriceEntry",
     "RouterSection",
     "Section",
-    "describe",
-    "parse_address",
-    "parse_body_bytes",
-    "parse_bool",
-    "parse_cache_ttl",
-    "parse_deny_status",
-    "parse_enforcement",
-    "parse_http_urls",
-    "parse_incomplete_response",
-    "parse_log_level",
-    "parse_path",
-    "parse_postgres_down",
-    "parse_postgres_url",
-    "parse_redis_down",
-    "parse_redis_url",
-    "parse_seconds",
-    "parse_secret",
-    "parse_text",
-    "parse_timezone",
     "section_at",
     "type_at",
 ]
