@@ -13,7 +13,9 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -142,6 +144,63 @@ def table(rows: list[Row], scalars: list[Scalar]) -> str:
         lines.append(
             (scalar.name, value, "", "", "", "", "", "", scalar.target, _verdict(scalar.passed))
         )
+    out = _grid(header, lines)
+    notes = [f"  {row.path}: {'; '.join(_notes(row))}" for row in rows if _notes(row)]
+    notes += [f"  {scalar.name}: {scalar.note}" for scalar in scalars if scalar.note]
+    if notes:
+        out += ["notes:", *notes]
+    return "\n".join(out)
+
+
+# The CPU table's rows: (measurement, who, label), in the order the main table goes.
+CPU_ROWS = (
+    ("h2load_check", "floor", "CheckBudget h2load, floor"),
+    ("h2load_check", "budgetd", "CheckBudget h2load, budgetd"),
+    ("wrk_envoy", "floor", "Envoy wrk, floor"),
+    ("wrk_envoy", "budgetd", "Envoy wrk, budgetd"),
+    ("grpc_load_check", "budgetd", "CheckBudget grpc_load, budgetd"),
+    ("grpc_load_record", "floor", "RecordSpend grpc_load, floor"),
+    ("grpc_load_record", "budgetd", "RecordSpend grpc_load, budgetd"),
+)
+
+
+def cpu_medians(
+    rounds: dict[str, dict[str, list[dict[str, float | None]]]],
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Each measurement's CPU per request and group (bench.cpu), the median over rounds."""
+    medians: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by_who in rounds.items():
+        for who, samples in by_who.items():
+            groups = {group for sample in samples for group in sample}
+            medians.setdefault(name, {})[who] = {
+                group: _median([sample.get(group) for sample in samples])
+                for group in sorted(groups)
+            }
+    return medians
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def cpu_table(
+    medians: dict[str, dict[str, dict[str, float | None]]], groups: tuple[str, ...]
+) -> str:
+    """Where each path's CPU went, in microseconds per request (medians over rounds)."""
+    header = ("CPU us per request", *groups)
+    lines = []
+    for name, who, label in CPU_ROWS:
+        figures = medians.get(name, {}).get(who)
+        if figures is not None:
+            lines.append((label, *(_fmt(figures.get(group), ".0f") for group in groups)))
+    if not lines:
+        return ""
+    return "\n".join(_grid(header, lines))
+
+
+def _grid(header: tuple[str, ...], lines: Sequence[tuple[str, ...]]) -> list[str]:
+    """A table's lines: the first column left-aligned, the others right-aligned, ruled."""
     widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
 
     def render(cells: tuple[str, ...]) -> str:
@@ -150,12 +209,7 @@ def table(rows: list[Row], scalars: list[Scalar]) -> str:
         return "  ".join([first, *rest])
 
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    out = [render(header), rule, *(render(line) for line in lines), rule]
-    notes = [f"  {row.path}: {'; '.join(_notes(row))}" for row in rows if _notes(row)]
-    notes += [f"  {scalar.name}: {scalar.note}" for scalar in scalars if scalar.note]
-    if notes:
-        out += ["notes:", *notes]
-    return "\n".join(out)
+    return [render(header), rule, *(render(line) for line in lines), rule]
 
 
 def _notes(row: Row) -> list[str]:

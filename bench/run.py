@@ -40,7 +40,7 @@ import aiohttp
 import grpc
 
 import bench
-from bench import report
+from bench import cpu, report
 from bench.dataset import load_dataset
 from bench.envoy import EnvoyProcess
 from bench.floor import budgetd_uses_uvloop
@@ -150,6 +150,10 @@ class Bench:
         self.stack = stack
         self.workdir = workdir
         self.raw: dict[str, dict[str, list[Result]]] = {}
+        # CPU microseconds per request of each process group (bench.cpu), per round.
+        self.cpu: dict[str, dict[str, list[dict[str, float | None]]]] = {}
+        self.pids: dict[str, int | None] = {}
+        self.launched: list[ManagedProcess] = []
         self.extra: dict[str, Any] = {}
         self.warnings: list[str] = []
 
@@ -160,6 +164,7 @@ class Bench:
     async def launch(self, process: ManagedProcess, start: Callable[[], Awaitable[Any]]) -> Any:
         """Start a process that is stopped when the run ends, however it ends."""
         self.stack.push_async_callback(process.stop)
+        self.launched.append(process)
         return await start()
 
     def result(self, name: str, who: str) -> Result:
@@ -182,6 +187,7 @@ class Bench:
         self.stack.push_async_callback(pg.stop)
         self.stack.push_async_callback(redis.stop)
         await asyncio.gather(pg.start(), redis.start())
+        self.pids = {"postgres": pg.pid, "redis": redis.pid}
         database_url = await pg.create_database("budgetd_bench")
         return database_url, redis.url
 
@@ -216,9 +222,38 @@ class Bench:
 
     # -- phase 2 to 4 ----------------------------------------------------------------------
 
-    async def h2load(self, name: str, who: str, port: int, frame: Path) -> None:
+    async def metered(
+        self, name: str, who: str, servers: dict[str, int], run: Awaitable[Result]
+    ) -> None:
+        """Run one measurement while :class:`bench.cpu.CpuMeter` reads where its CPU went
+        (``servers``: the server's and Envoy's process ids), then record both."""
+        if not cpu.supported():
+            self.add(name, who, await run)
+            return
+        idle = [p.pid for p in self.launched if p.alive and p.pid not in servers.values()]
+        meter = cpu.CpuMeter({**servers, **self.pids}, idle)
+        # A margin at each end keeps the window inside the tool's measured period.
+        margin = min(0.5, self.o.seconds / 10)
+        window = asyncio.create_task(
+            meter.window(self.o.warmup + margin, self.o.seconds - 2 * margin)
+        )
+        try:
+            result = await run
+        except BaseException:
+            window.cancel()
+            raise
+        if window.done():
+            used, length = window.result()
+            per_request = cpu.per_request(used, result.rps * length)
+        else:  # the tool ended early (it failed): no window to report
+            window.cancel()
+            per_request = cpu.per_request({}, 0)
+        self.cpu.setdefault(name, {}).setdefault(who, []).append(per_request)
+        self.add(name, who, result)
+
+    async def h2load(self, name: str, who: str, port: int, frame: Path, pid: int) -> None:
         clients = min(8, self.o.concurrency)
-        result = await run_h2load(
+        run = run_h2load(
             f"http://{HOST}:{port}{CHECK_PATH}",
             frame,
             clients=clients,
@@ -227,10 +262,10 @@ class Bench:
             warmup=self.o.warmup,
             log_file=self.workdir / f"h2load-{who}.log",
         )
-        self.add(name, who, result)
+        await self.metered(name, who, {"server": pid}, run)
 
-    async def grpc_load(self, rpc: str, who: str, target: str, keys_file: Path) -> None:
-        result = await run_grpc_load(
+    async def grpc_load(self, rpc: str, who: str, target: str, keys_file: Path, pid: int) -> None:
+        run = run_grpc_load(
             target,
             rpc,
             keys_file,
@@ -240,17 +275,17 @@ class Bench:
             seconds=self.o.seconds,
             warmup=self.o.warmup,
         )
-        self.add(f"grpc_load_{rpc}", who, result)
+        await self.metered(f"grpc_load_{rpc}", who, {"server": pid}, run)
 
-    async def envoy(self, who: str, envoy: EnvoyProcess, key: str) -> None:
-        result = await run_wrk(
+    async def envoy(self, who: str, envoy: EnvoyProcess, key: str, pid: int) -> None:
+        run = run_wrk(
             envoy.url,
             [f"authorization: Bearer {key}"],
             connections=self.o.concurrency,
             seconds=self.o.seconds,
             warmup=self.o.warmup,
         )
-        self.add("wrk_envoy", who, result)
+        await self.metered("wrk_envoy", who, {"server": pid, "envoy": envoy.pid}, run)
 
     async def measure_main(self, budgetd: BudgetdProcess, floor: FloorProcess, key: str) -> None:
         """h2load, grpc_load and wrk, floor and budgetd alternating."""
@@ -271,11 +306,11 @@ class Bench:
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: CheckBudget with h2load")
             for who, server in _order(pairs, round_no):
-                await self.h2load("h2load_check", who, server.port, frame)
+                await self.h2load("h2load_check", who, server.port, frame, server.pid)
             self.say(f"round {round_no}/{self.o.rounds}: CheckBudget and RecordSpend, grpc_load")
             for rpc in ("check", "record"):
                 for who, server in _order(pairs, round_no):
-                    await self.grpc_load(rpc, who, server.target, keys_file)
+                    await self.grpc_load(rpc, who, server.target, keys_file, server.pid)
         self.say("starting two Envoys (ext_authz -> floor, ext_authz -> budgetd)")
         envoys = {}
         for who, server in pairs:
@@ -284,8 +319,8 @@ class Bench:
             envoys[who] = envoy
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: wrk through Envoy")
-            for who, _ in _order(pairs, round_no):
-                await self.envoy(who, envoys[who], key)
+            for who, server in _order(pairs, round_no):
+                await self.envoy(who, envoys[who], key, server.pid)
         for envoy in envoys.values():
             await envoy.stop()
 
@@ -341,7 +376,9 @@ class Bench:
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: --workers 1 vs 2 with h2load")
             for workers, server in _order(tuple(servers.items()), round_no):
-                await self.h2load("h2load_workers", f"workers_{workers}", server.port, frame)
+                await self.h2load(
+                    "h2load_workers", f"workers_{workers}", server.port, frame, server.pid
+                )
         for server in servers.values():
             await server.stop()
 
@@ -542,6 +579,10 @@ def build_report(
                         for name, by_who in b.raw.items()
                     },
                     "rounds": b.raw,
+                    # Where each measurement's CPU went (bench/cpu.py): microseconds per
+                    # request per process group, the median over rounds, then each round.
+                    "cpu_us_per_request": report.cpu_medians(b.cpu),
+                    "cpu_rounds": b.cpu,
                     "verification": b.extra.get("verification"),
                     "warnings": b.warnings,
                     "config": {
@@ -587,6 +628,9 @@ async def main_async(options: Options) -> int:
     document = build_report(b, rows, scalars, ratios, stamp, seconds)
     path = report.write(options.results_dir, stamp, document, rows)
     print(report.table(rows, scalars))
+    cpu_lines = report.cpu_table(report.cpu_medians(b.cpu), cpu.GROUPS)
+    if cpu_lines:
+        print(cpu_lines)
     for warning in b.warnings:
         print(f"warning: {warning}")
     met = "every target met" if document["all_targets_met"] else "some targets missed"

@@ -322,6 +322,17 @@ class PostgresServer:
         return self._port
 
     @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (its backends are its children); None when this
+        harness did not start the server or it is not running."""
+        if self._cluster is None or not self._running:
+            return None
+        try:
+            return int((self._cluster.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @property
     def url(self) -> str:
         """``postgresql://`` URL of the server's ``postgres`` database as the superuser."""
         if self._external_url is not None:
@@ -570,6 +581,13 @@ class RedisServer:
         if self._port is None:
             raise ServiceError("RedisServer has not been started")
         return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """redis-server's process id; None when this harness did not start it or it exited."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
 
     @property
     def url(self) -> str:
