@@ -35,7 +35,8 @@ from server.storage.cached_records import CachedRecords
 from server.storage.postgres import PostgresRecords
 from server.storage.postgres_migrations import apply_migrations, load_migrations
 from server.storage.snapshots import visible
-from server.storage.sqlite import SqliteRecords, migration_files
+from server.storage.sqlite import SqliteRecords
+from server.storage.sqlite_schema import migration_files
 
 NOW = 1_718_318_916.0  # 2024-06-13T22:48:36Z
 HOUR = 3600.0

@@ -1,18 +1,19 @@
 """The embedded default's record store: one SQLite file, used from one worker thread.
 
 sqlite3 is synchronous; every call runs on a single dedicated thread so the event loop
-never blocks and the connection is only ever touched by the thread that made it.
+never blocks and the connection is only ever touched by the thread that made it. The
+statements are here; the rows' column lists and conversions are in
+:mod:`server.storage.sqlite_rows`, and opening the file and its migrations in
+:mod:`server.storage.sqlite_schema`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,51 +29,28 @@ from server.storage.base import (
     SpendSum,
     TeamRecord,
 )
-from server.storage.model_budgets import decode_model_budgets, encode_model_budgets
 from server.storage.spend_sql import SQLITE, local_day, spend_report_sql, spend_row
+from server.storage.sqlite_rows import (
+    KEY_COLUMNS,
+    KEY_MARKS,
+    KEY_UPDATE,
+    LEDGER_COLUMNS,
+    MEMBER_COLUMNS,
+    TEAM_COLUMNS,
+    TEAM_MARKS,
+    TEAM_UPDATE,
+    key_args,
+    key_from_row,
+    ledger_args,
+    ledger_from_row,
+    member_args,
+    member_from_row,
+    team_args,
+    team_from_row,
+)
+from server.storage.sqlite_schema import apply_migrations, open_database
 
 T = TypeVar("T")
-
-_TEAM_COLUMNS = (
-    "team_id, team_alias, max_budget_nanos, budget_duration, tpm_limit, rpm_limit, models,"
-    " metadata, blocked, created_at, soft_budget_nanos, member_budget_nanos,"
-    " member_budget_duration, member_rpm_limit, member_tpm_limit, model_max_budget"
-)
-_TEAM_MARKS = ",".join("?" * 16)
-# Every column but team_id and created_at (kept by update_team, as before).
-_TEAM_UPDATE = (
-    "team_alias=?, max_budget_nanos=?, budget_duration=?, tpm_limit=?, rpm_limit=?, models=?,"
-    " metadata=?, blocked=?, soft_budget_nanos=?, member_budget_nanos=?,"
-    " member_budget_duration=?, member_rpm_limit=?, member_tpm_limit=?, model_max_budget=?"
-)
-_KEY_COLUMNS = (
-    "key_id, key_hash, key_prefix, team_id, key_alias, max_budget_nanos, budget_duration,"
-    " expires_at, models, user_id, revoked_at, created_at, blocked, soft_budget_nanos,"
-    " rpm_limit, tpm_limit, model_max_budget"
-)
-_KEY_MARKS = ",".join("?" * 17)
-# The mutable fields only: hash, prefix, team, user, revocation and creation are kept.
-_KEY_UPDATE = (
-    "key_alias=?, max_budget_nanos=?, budget_duration=?, expires_at=?, models=?, blocked=?,"
-    " soft_budget_nanos=?, rpm_limit=?, tpm_limit=?, model_max_budget=?"
-)
-_MEMBER_COLUMNS = (
-    "team_id, user_id, max_budget_nanos, budget_duration, rpm_limit, tpm_limit, created_at"
-)
-_LEDGER_COLUMNS = (
-    "request_id, team_id, key_id, cost_nanos, admitted_at, recorded_at, reservation_id, model,"
-    " prompt_tokens, completion_tokens, metadata, user_id"
-)
-
-
-def migration_files() -> list[tuple[int, str]]:
-    """The SQLite migrations shipped with budgetd, as (version, sql), in order."""
-    folder = resources.files("server.storage") / "migrations" / "sqlite"
-    found = []
-    for item in folder.iterdir():
-        if item.name.endswith(".sql"):
-            found.append((int(item.name.split("_", 1)[0]), item.read_text()))
-    return sorted(found)
 
 
 class SqliteRecords:
@@ -116,8 +94,8 @@ class SqliteRecords:
             try:
                 with conn:
                     conn.execute(
-                        f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ({_TEAM_MARKS})",
-                        _team_row(team),
+                        f"INSERT INTO teams ({TEAM_COLUMNS}) VALUES ({TEAM_MARKS})",
+                        team_args(team),
                     )
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"team {team.team_id!r} already exists") from exc
@@ -128,28 +106,28 @@ class SqliteRecords:
     async def get_team(self, team_id: str) -> TeamRecord | None:
         def op(conn: sqlite3.Connection) -> TeamRecord | None:
             row = conn.execute(
-                f"SELECT {_TEAM_COLUMNS} FROM teams WHERE team_id = ?", (team_id,)
+                f"SELECT {TEAM_COLUMNS} FROM teams WHERE team_id = ?", (team_id,)
             ).fetchone()
-            return _team(row) if row else None
+            return team_from_row(row) if row else None
 
         return await self._run_conn(op)
 
     async def list_teams(self, after_team_id: str, limit: int) -> list[TeamRecord]:
         def op(conn: sqlite3.Connection) -> list[TeamRecord]:
             rows = conn.execute(
-                f"SELECT {_TEAM_COLUMNS} FROM teams WHERE team_id > ? ORDER BY team_id LIMIT ?",
+                f"SELECT {TEAM_COLUMNS} FROM teams WHERE team_id > ? ORDER BY team_id LIMIT ?",
                 (after_team_id, limit),
             ).fetchall()
-            return [_team(row) for row in rows]
+            return [team_from_row(row) for row in rows]
 
         return await self._run_conn(op)
 
     async def update_team(self, team: TeamRecord) -> TeamRecord:
         def op(conn: sqlite3.Connection) -> TeamRecord:
-            row = _team_row(team)
+            row = team_args(team)
             with conn:
                 cur = conn.execute(
-                    f"UPDATE teams SET {_TEAM_UPDATE} WHERE team_id = ?",
+                    f"UPDATE teams SET {TEAM_UPDATE} WHERE team_id = ?",
                     (*row[1:9], *row[10:], team.team_id),
                 )
             if cur.rowcount == 0:
@@ -164,16 +142,16 @@ class SqliteRecords:
         def op(conn: sqlite3.Connection) -> tuple[TeamRecord, bool]:
             with conn:
                 cur = conn.execute(
-                    f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES ({_TEAM_MARKS})"
+                    f"INSERT INTO teams ({TEAM_COLUMNS}) VALUES ({TEAM_MARKS})"
                     " ON CONFLICT (team_id) DO NOTHING",
-                    _team_row(team),
+                    team_args(team),
                 )
             if cur.rowcount == 1:
                 return team, True
             row = conn.execute(
-                f"SELECT {_TEAM_COLUMNS} FROM teams WHERE team_id = ?", (team.team_id,)
+                f"SELECT {TEAM_COLUMNS} FROM teams WHERE team_id = ?", (team.team_id,)
             ).fetchone()
-            return _team(row), False
+            return team_from_row(row), False
 
         return await self._run_conn(op)
 
@@ -187,35 +165,35 @@ class SqliteRecords:
                 raise NotFound(f"team {member.team_id!r} not found")
             with conn:
                 row = conn.execute(
-                    f"INSERT INTO team_members ({_MEMBER_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
+                    f"INSERT INTO team_members ({MEMBER_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
                     " ON CONFLICT (team_id, user_id) DO UPDATE SET"
                     " max_budget_nanos = excluded.max_budget_nanos,"
                     " budget_duration = excluded.budget_duration,"
                     " rpm_limit = excluded.rpm_limit, tpm_limit = excluded.tpm_limit"
-                    f" RETURNING {_MEMBER_COLUMNS}",
-                    _member_row(member),
+                    f" RETURNING {MEMBER_COLUMNS}",
+                    member_args(member),
                 ).fetchone()
-            return _member(row)
+            return member_from_row(row)
 
         return await self._run_conn(op)
 
     async def get_member(self, team_id: str, user_id: str) -> MemberRecord | None:
         def op(conn: sqlite3.Connection) -> MemberRecord | None:
             row = conn.execute(
-                f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE team_id = ? AND user_id = ?",
+                f"SELECT {MEMBER_COLUMNS} FROM team_members WHERE team_id = ? AND user_id = ?",
                 (team_id, user_id),
             ).fetchone()
-            return None if row is None else _member(row)
+            return None if row is None else member_from_row(row)
 
         return await self._run_conn(op)
 
     async def list_members(self, team_id: str) -> list[MemberRecord]:
         def op(conn: sqlite3.Connection) -> list[MemberRecord]:
             rows = conn.execute(
-                f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE team_id = ? ORDER BY user_id",
+                f"SELECT {MEMBER_COLUMNS} FROM team_members WHERE team_id = ? ORDER BY user_id",
                 (team_id,),
             ).fetchall()
-            return [_member(row) for row in rows]
+            return [member_from_row(row) for row in rows]
 
         return await self._run_conn(op)
 
@@ -236,8 +214,8 @@ class SqliteRecords:
                 try:
                     with conn:
                         conn.execute(
-                            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({_KEY_MARKS})",
-                            _key_row(key),
+                            f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({KEY_MARKS})",
+                            key_args(key),
                         )
                 except sqlite3.IntegrityError as exc:
                     raise AlreadyExists(f"key {key.key_id!r} already exists") from exc
@@ -256,15 +234,15 @@ class SqliteRecords:
         """Replace a key's mutable fields; the stored key (hash, team, revocation kept)."""
 
         def op(conn: sqlite3.Connection) -> KeyRecord:
-            row = _key_row(key)
+            row = key_args(key)
             with conn:
                 stored = conn.execute(
-                    f"UPDATE api_keys SET {_KEY_UPDATE} WHERE key_id = ? RETURNING {_KEY_COLUMNS}",
+                    f"UPDATE api_keys SET {KEY_UPDATE} WHERE key_id = ? RETURNING {KEY_COLUMNS}",
                     (*row[4:9], *row[12:], key.key_id),
                 ).fetchone()
             if stored is None:
                 raise NotFound(f"key {key.key_id!r} not found")
-            return _key(stored)
+            return key_from_row(stored)
 
         return await self._run_conn(op)
 
@@ -283,26 +261,26 @@ class SqliteRecords:
         def op(conn: sqlite3.Connection) -> LedgerInsert:
             with conn:
                 cur = conn.execute(
-                    f"INSERT OR IGNORE INTO spend_ledger ({_LEDGER_COLUMNS})"
+                    f"INSERT OR IGNORE INTO spend_ledger ({LEDGER_COLUMNS})"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    _ledger_row(entry),
+                    ledger_args(entry),
                 )
             if cur.rowcount == 1:
                 return LedgerInsert(True, entry)
             row = conn.execute(
-                f"SELECT {_LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = ?",
+                f"SELECT {LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = ?",
                 (entry.request_id,),
             ).fetchone()
-            return LedgerInsert(False, _ledger(row))
+            return LedgerInsert(False, ledger_from_row(row))
 
         return await self._run_conn(op)
 
     async def get_spend(self, request_id: str) -> LedgerInsert | None:
         def op(conn: sqlite3.Connection) -> LedgerInsert | None:
             row = conn.execute(
-                f"SELECT {_LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = ?", (request_id,)
+                f"SELECT {LEDGER_COLUMNS} FROM spend_ledger WHERE request_id = ?", (request_id,)
             ).fetchone()
-            return None if row is None else LedgerInsert(False, _ledger(row))
+            return None if row is None else LedgerInsert(False, ledger_from_row(row))
 
         return await self._run_conn(op)
 
@@ -359,11 +337,11 @@ class SqliteRecords:
 
         def op(conn: sqlite3.Connection) -> list[KeyRecord]:
             rows = conn.execute(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE (? = '' OR team_id = ?)"
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE (? = '' OR team_id = ?)"
                 " AND key_id > ? AND (? OR revoked_at IS NULL) ORDER BY key_id LIMIT ?",
                 (team_id, team_id, after_key_id, include_revoked, limit),
             ).fetchall()
-            return [_key(row) for row in rows]
+            return [key_from_row(row) for row in rows]
 
         return await self._run_conn(op)
 
@@ -383,33 +361,26 @@ class SqliteRecords:
 
         def op(conn: sqlite3.Connection) -> list[LedgerEntry]:
             rows = conn.execute(
-                f"SELECT {_LEDGER_COLUMNS} FROM spend_ledger WHERE team_id = ?"
-                " ORDER BY admitted_at",
+                f"SELECT {LEDGER_COLUMNS} FROM spend_ledger WHERE team_id = ? ORDER BY admitted_at",
                 (team_id,),
             ).fetchall()
-            return [_ledger(row) for row in rows]
+            return [ledger_from_row(row) for row in rows]
 
         return await self._run_conn(op)
 
     async def _one_key(self, column: str, value: str) -> KeyRecord | None:
         def op(conn: sqlite3.Connection) -> KeyRecord | None:
             row = conn.execute(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE {column} = ?", (value,)
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?", (value,)
             ).fetchone()
-            return _key(row) if row else None
+            return key_from_row(row) if row else None
 
         return await self._run_conn(op)
 
     # -- thread plumbing -------------------------------------------------------------------
 
     def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level="DEFERRED", check_same_thread=True)
-        # WAL + synchronous=FULL: a committed ledger row survives a crash of budgetd.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        self._conn = conn
+        self._conn = open_database(self._path)
         self.applied_migrations = tuple(self._migrate())
 
     def _close(self) -> None:
@@ -418,25 +389,7 @@ class SqliteRecords:
             self._conn = None
 
     def _migrate(self) -> list[int]:
-        conn = self._require()
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS budgetd_schema_migrations"
-            " (version INTEGER PRIMARY KEY,"
-            " applied_at REAL NOT NULL DEFAULT (strftime('%s', 'now')))"
-        )
-        done = {row[0] for row in conn.execute("SELECT version FROM budgetd_schema_migrations")}
-        applied = []
-        for version, sql in migration_files():
-            if version in done:
-                continue
-            # executescript commits first; wrap in an explicit transaction so a failed
-            # migration leaves nothing half applied.
-            conn.executescript(
-                f"BEGIN;\n{sql}\nINSERT INTO budgetd_schema_migrations (version)"
-                f" VALUES ({version});\nCOMMIT;"
-            )
-            applied.append(version)
-        return applied
+        return apply_migrations(self._require())
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -454,147 +407,3 @@ class SqliteRecords:
                 raise Unavailable(f"sqlite unavailable: {exc}") from exc
 
         return await self._run(call)
-
-
-def _team_row(team: TeamRecord) -> tuple[Any, ...]:
-    return (
-        team.team_id,
-        team.team_alias,
-        team.max_budget_nanos,
-        team.budget_duration,
-        team.tpm_limit,
-        team.rpm_limit,
-        json.dumps(list(team.models)),
-        json.dumps(team.metadata),
-        int(team.blocked),
-        team.created_at,
-        team.soft_budget_nanos,
-        team.member_budget_nanos,
-        team.member_budget_duration,
-        team.member_rpm_limit,
-        team.member_tpm_limit,
-        json.dumps(encode_model_budgets(team.model_max_budget)),
-    )
-
-
-def _team(row: tuple[Any, ...]) -> TeamRecord:
-    return TeamRecord(
-        team_id=row[0],
-        team_alias=row[1],
-        max_budget_nanos=row[2],
-        budget_duration=row[3],
-        tpm_limit=row[4],
-        rpm_limit=row[5],
-        models=tuple(json.loads(row[6])),
-        metadata=json.loads(row[7]),
-        blocked=bool(row[8]),
-        created_at=row[9],
-        soft_budget_nanos=row[10],
-        member_budget_nanos=row[11],
-        member_budget_duration=row[12],
-        member_rpm_limit=row[13],
-        member_tpm_limit=row[14],
-        model_max_budget=decode_model_budgets(json.loads(row[15])),
-    )
-
-
-def _key_row(key: KeyRecord) -> tuple[Any, ...]:
-    return (
-        key.key_id,
-        key.key_hash,
-        key.key_prefix,
-        key.team_id,
-        key.key_alias,
-        key.max_budget_nanos,
-        key.budget_duration,
-        key.expires_at,
-        json.dumps(list(key.models)),
-        key.user_id,
-        key.revoked_at,
-        key.created_at,
-        int(key.blocked),
-        key.soft_budget_nanos,
-        key.rpm_limit,
-        key.tpm_limit,
-        json.dumps(encode_model_budgets(key.model_max_budget)),
-    )
-
-
-def _key(row: tuple[Any, ...]) -> KeyRecord:
-    return KeyRecord(
-        key_id=row[0],
-        key_hash=row[1],
-        key_prefix=row[2],
-        team_id=row[3],
-        key_alias=row[4],
-        max_budget_nanos=row[5],
-        budget_duration=row[6],
-        expires_at=row[7],
-        models=tuple(json.loads(row[8])),
-        user_id=row[9],
-        revoked_at=row[10],
-        created_at=row[11],
-        blocked=bool(row[12]),
-        soft_budget_nanos=row[13],
-        rpm_limit=row[14],
-        tpm_limit=row[15],
-        model_max_budget=decode_model_budgets(json.loads(row[16])),
-    )
-
-
-def _member_row(member: MemberRecord) -> tuple[Any, ...]:
-    return (
-        member.team_id,
-        member.user_id,
-        member.max_budget_nanos,
-        member.budget_duration,  # None: the team's member_budget_duration
-        member.rpm_limit,
-        member.tpm_limit,
-        member.created_at,
-    )
-
-
-def _member(row: tuple[Any, ...]) -> MemberRecord:
-    return MemberRecord(
-        team_id=row[0],
-        user_id=row[1],
-        max_budget_nanos=row[2],
-        budget_duration=row[3],
-        rpm_limit=row[4],
-        tpm_limit=row[5],
-        created_at=row[6],
-    )
-
-
-def _ledger_row(entry: LedgerEntry) -> tuple[Any, ...]:
-    return (
-        entry.request_id,
-        entry.team_id,
-        entry.key_id,
-        entry.cost_nanos,
-        entry.admitted_at,
-        entry.recorded_at,
-        entry.reservation_id,
-        entry.model,
-        entry.prompt_tokens,
-        entry.completion_tokens,
-        json.dumps(entry.metadata),
-        entry.user_id,
-    )
-
-
-def _ledger(row: tuple[Any, ...]) -> LedgerEntry:
-    return LedgerEntry(
-        request_id=row[0],
-        team_id=row[1],
-        key_id=row[2],
-        cost_nanos=row[3],
-        admitted_at=row[4],
-        recorded_at=row[5],
-        reservation_id=row[6],
-        model=row[7],
-        prompt_tokens=row[8],
-        completion_tokens=row[9],
-        metadata=json.loads(row[10]),
-        user_id=row[11],
-    )
