@@ -23,7 +23,7 @@ from server.config import (
     load_settings,
 )
 from server.errors import ConfigError
-from server.jwt_auth import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS
+from server.jwt_types import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS
 from server.rules import Enforcement
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"

@@ -16,7 +16,8 @@ import pytest
 from jwks_server import JwksServer, SigningKey, hmac_token, token_claims, unsigned_token
 from server.clock import FakeClock
 from server.config import JwtSettings
-from server.jwt_auth import DEFAULT_ALGORITHMS, JwtIdentity, JwtInvalid, JwtVerifier
+from server.jwt_auth import JwtVerifier
+from server.jwt_types import DEFAULT_ALGORITHMS, JwtIdentity, JwtInvalid
 
 SECRET = "an-hmac-secret-that-is-long-enough-for-hs256"
 AUDIENCE = "budgetd"
@@ -500,7 +501,7 @@ async def test_stale_keys_are_served_while_the_jwks_fails(
         await jwks.stop()  # the host goes away altogether
         clock.advance(61)
         await v.verify(rsa_key.sign(claims_at(clock)))
-        await until(lambda: v._refreshing is None)
+        await until(lambda: v._jwks._refreshing is None)
         await v.verify(rsa_key.sign(claims_at(clock)))
         await jwks.start()
         jwks.fail = False
@@ -563,7 +564,7 @@ async def test_ttl_expiry_refetches(
         clock.advance(2)
         await v.verify(rsa_key.sign(claims_at(clock)))  # cached keys answer meanwhile
         await until(lambda: jwks.requests == 2)
-        await until(lambda: v._refreshing is None)
+        await until(lambda: v._jwks._refreshing is None)
         assert "not in the JWKS" in await rejected(v, rsa_key.sign(claims_at(clock)))
         await v.verify(other_rsa_key.sign(claims_at(clock)))
 
