@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.admin import Admin, MemberChanges, NewKey, NewTeam, TeamChanges
-from server.api import WireDecisions, decision_to_pb
+from server.api_wire import WireDecisions, decision_to_pb
 from server.authority import Authority, CheckRequest, Decision, Reason
 from server.clock import FakeClock
 from server.envoy.authz import AllowAnswers, _allowed
