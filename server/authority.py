@@ -47,7 +47,8 @@ from server.storage.base import (
     ScopeBudget,
 )
 from server.storage.cached_records import CachedRecords
-from server.storage.leasing import LeasingCounters, lease_key
+from server.storage.lease import lease_key
+from server.storage.leasing import LeasingCounters
 from server.windows import WindowCache
 
 __all__ = [

@@ -30,7 +30,7 @@ from server.decision import Decision
 from server.scopes import Principal
 from server.storage.base import CounterState, ScopeBudget
 from server.storage.cached_records import Freshness
-from server.storage.leasing import Lease
+from server.storage.lease import Lease
 
 # Entries are small (a few hundred bytes); past this many the oldest is forgotten.
 MAX_ENTRIES = 10_000

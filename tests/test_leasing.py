@@ -24,7 +24,8 @@ from server.storage.base import (
     ScopeKind,
     SettleResult,
 )
-from server.storage.leasing import HOT_REQUESTS, LEASE_FRACTION, LeasingCounters, lease_key
+from server.storage.lease import HOT_REQUESTS, LEASE_FRACTION, lease_key
+from server.storage.leasing import LeasingCounters
 from server.storage.memory_counters import MemoryCounters
 from server.storage.redis_counters import RedisCounters
 from server.windows import ALL_TIME

@@ -25,6 +25,13 @@ Answers admitted from a lease report the spend seen when the lease was taken (at
 ``lease_seconds`` old). Requests with rate limits, and everything while the counters are on
 the Postgres fallback path or after a counter went missing (Redis lost data), go to the
 store: a lost lease hold must not be spent from.
+
+The code is in three modules: server/storage/lease.py holds the Lease value, a scope set's
+identity (lease_key) and the constants that size and bound leasing; lease_book.py holds
+LeaseBook, the keeping of leases off the hot path (taking, retiring, releasing, sweeping
+and forgetting them); this module holds LeasingCounters, the CounterStore wrapper (a
+LeaseBook), with the hot path (admit_from and the _take and _count it calls) on the class
+itself.
 """
 
 from __future__ import annotations
@@ -32,12 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Sequence
 
-from server.errors import BudgetdError, Unavailable
+from server.errors import BudgetdError
 from server.rules import Enforcement
 from server.storage.base import (
     CounterState,
@@ -48,68 +52,21 @@ from server.storage.base import (
     ScopeBudget,
     SettleResult,
 )
-from server.storage.memory_counters import MAX_PARTIAL_RELEASE
+from server.storage.lease import (
+    HOT_REQUESTS,
+    MAX_LEASES,
+    MAX_OUTSTANDING,
+    Lease,
+    LeaseKey,
+    fits,
+    lease_key,
+)
+from server.storage.lease_book import LeaseBook
 
-T = TypeVar("T")
 _RETRY_GRACE = 60.0  # a settle that failed keeps its request outstanding this long
 
-LEASE_FRACTION = 16  # a lease holds at most this fraction of the headroom it was cut from
-MIN_LEASE_REQUESTS = 8  # ... and at least this many requests' worth, or there is no lease
-# Bounds on memory: active leases and remembered headroom (past them, requests go to the
-# store), and requests admitted from leases that are not settled yet (each ~200 bytes).
-MAX_LEASES = 10_000
-# Only a hot scope set gets a lease: one that saw this many decisions here in the current or
-# the previous second. Quiet keys are decided by the store, so an idle key holds nothing.
-HOT_REQUESTS = 32
-MAX_OUTSTANDING = 200_000
 
-
-# A scope set's identity: (mode, (counter id, limit) per scope).
-LeaseKey = tuple[str, tuple[tuple[str, int | None], ...]]
-_Key = LeaseKey
-
-
-@dataclass(slots=True)
-class Lease:
-    """One lease: a hold in the store that this replica admits requests from.
-
-    Outside this module it is an opaque handle (see :meth:`LeasingCounters.lease_for`).
-    """
-
-    team_id: str
-    lease_id: str  # the hold's id in the store; "" when nothing is held (no limited scope)
-    granted: int | None  # None: every scope is unlimited
-    admit_until: float
-    states: tuple[CounterState, ...]  # the counters as the store answered the lease
-    consumed: int = 0
-    # Requests admitted and not yet settled: reservation id -> (amount, hold expiry), in
-    # admission order. Ordered for the sweep, which frees expired ones from the front: a
-    # plain dict only compacts as it grows, so on a retired lease (which no longer grows)
-    # each next(iter()) would rescan every slot freed before it, quadratic in the requests
-    # a sweep frees (measured: 11 ms for one second's 8,500 requests, 340 ms for 50,000).
-    outstanding: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
-    retired: bool = False
-    which: tuple[str, LeaseKey] = ("", ("", ()))  # (team_id, the scope set it was taken for)
-
-    def room(self) -> int | None:
-        return None if self.granted is None else self.granted - self.consumed
-
-
-def _fits(lease: Lease, amount: int, now: float) -> bool:
-    """May a request estimated at ``amount`` be admitted from ``lease`` now?"""
-    if now >= lease.admit_until or lease.retired:
-        return False
-    room = lease.room()
-    return room is None or (room > 0 and amount <= room)
-
-
-def lease_key(scopes: Sequence[ScopeBudget], mode: Enforcement) -> LeaseKey:
-    """The identity of a scope set's lease: the enforcement rule and each counter's id and
-    limit (a new window or a changed limit is another scope set)."""
-    return (mode.value, tuple((s.counter_id, s.limit_nanos) for s in scopes))
-
-
-class LeasingCounters:
+class LeasingCounters(LeaseBook):
     """A CounterStore that admits from leases of headroom, wrapping the real one."""
 
     def __init__(
@@ -126,15 +83,15 @@ class LeasingCounters:
         self._max_outstanding = max_outstanding
         # Per team: the active lease of each scope set, leases retired but still in use,
         # and the headroom last seen for each scope set.
-        self._active: dict[str, dict[_Key, Lease]] = {}
-        self._retired: dict[str, list[Lease]] = {}
-        self._seen: dict[tuple[str, _Key], tuple[CounterState, ...]] = {}
+        self._active = {}
+        self._retired = {}
+        self._seen = {}
         # Decisions per scope set: (second, count in it, count in the second before).
-        self._rate: dict[tuple[str, _Key], tuple[int, int, int]] = {}
-        self._by_reservation: dict[str, Lease] = {}
+        self._rate = {}
+        self._by_reservation = {}
         # One lease is asked for at a time per scope set: concurrent requests wait for it
         # instead of each taking a lease of their own.
-        self._pending: dict[tuple[str, _Key], asyncio.Future[Lease | None]] = {}
+        self._pending = {}
         self._prefix = f"lease-{os.urandom(6).hex()}-"
         self._serial = 0
         self._generation = 0  # bumped whenever every lease is forgotten
@@ -192,7 +149,7 @@ class LeasingCounters:
         if len(self._by_reservation) < self._max_outstanding:
             lease = self._active.get(team_id, {}).get(key)
             if lease is not None:
-                if _fits(lease, amount, now):
+                if fits(lease, amount, now):
                     return self._admit(lease, amount, reservation_id, hold_expires_at)
                 await self._retire(lease, now)
             pending = self._pending.get((team_id, key))
@@ -200,7 +157,7 @@ class LeasingCounters:
                 lease = await asyncio.shield(pending)
             else:
                 lease = await self._lease_once(key, team_id, scopes, amount, hold_expires_at, now)
-            if lease is not None and _fits(lease, amount, now):
+            if lease is not None and fits(lease, amount, now):
                 return self._admit(lease, amount, reservation_id, hold_expires_at)
         result = await self._guard(
             self.inner.reserve(team_id, scopes, amount, reservation_id, hold_expires_at, now, mode)
@@ -234,7 +191,7 @@ class LeasingCounters:
         """
         if amount < 0 or self._seconds <= 0 or getattr(self.inner, "failed_over", False):
             return None
-        if not _fits(lease, amount, now):  # a retired lease never fits
+        if not fits(lease, amount, now):  # a retired lease never fits
             return None
         if len(self._by_reservation) >= self._max_outstanding:
             return None
@@ -352,91 +309,7 @@ class LeasingCounters:
             self._by_reservation[reservation_id] = lease
         self.local_admits += 1
 
-    async def _lease_once(
-        self,
-        key: _Key,
-        team_id: str,
-        scopes: Sequence[ScopeBudget],
-        amount: int,
-        hold_expires_at: float,
-        now: float,
-    ) -> Lease | None:
-        """:meth:`_new_lease`, with concurrent callers for the same scopes waiting on it."""
-        future: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
-        self._pending[(team_id, key)] = future
-        try:
-            lease = await self._new_lease(key, team_id, scopes, amount, hold_expires_at, now)
-        except BaseException:
-            future.set_result(None)
-            raise
-        finally:
-            del self._pending[(team_id, key)]
-        future.set_result(lease)
-        return lease
-
-    async def _new_lease(
-        self,
-        key: _Key,
-        team_id: str,
-        scopes: Sequence[ScopeBudget],
-        amount: int,
-        hold_expires_at: float,
-        now: float,
-    ) -> Lease | None:
-        """A lease cut from the headroom seen last time, or None (too little, or unknown)."""
-        generation = self._generation
-        seen = self._seen.get((team_id, key))
-        if seen is None or not self._hot((team_id, key), now):
-            return None  # first sight (a plain reservation tells the headroom), or quiet
-        headroom = [
-            scope.limit_nanos - state.spend - state.held
-            for scope, state in zip(scopes, seen, strict=True)
-            if scope.limit_nanos is not None
-        ]
-        until = now + self._seconds
-        if not headroom:  # nothing limited: refresh the counters' view now and then
-            result = await self.inner.reserve(
-                team_id, scopes, 0, "", hold_expires_at, now, Enforcement.NEVER_EXCEED
-            )
-            if result.status is not ReserveStatus.RESERVED:
-                self._observe(key, team_id, result)
-                return None
-            lease = Lease(team_id, "", None, until, result.states, which=(team_id, key))
-        else:
-            # Below 2^53: the store shrinks a lease's hold with exact arithmetic.
-            size = min(min(headroom) // LEASE_FRACTION, MAX_PARTIAL_RELEASE - 1)
-            if size < max(amount, 1) * MIN_LEASE_REQUESTS:
-                return None
-            self._serial += 1
-            lease_id = f"{self._prefix}{self._serial}"
-            result = await self.inner.reserve(
-                team_id, scopes, size, lease_id, hold_expires_at + self._seconds, now,
-                Enforcement.NEVER_EXCEED,
-            )  # fmt: skip
-            if result.status is not ReserveStatus.RESERVED:
-                self._observe(key, team_id, result)
-                return None
-            lease = Lease(team_id, lease_id, size, until, result.states, which=(team_id, key))
-        if generation != self._generation:
-            # The store failed (or failed over) while this lease was being taken: it is
-            # not spent from; its hold is given back, or expires.
-            lease.retired = True
-            self._retired.setdefault(team_id, []).append(lease)
-            await self._release_if_done(lease, now)
-            return None
-        team = self._active.setdefault(team_id, {})
-        if self._lease_count >= MAX_LEASES:
-            # Bounded: past this many, requests go to the store (this lease's room is
-            # given back at once: it has no requests yet).
-            lease.retired = True
-            if lease.lease_id:
-                await self.inner.release(team_id, lease.lease_id, now)
-            return None
-        team[key] = lease
-        self._lease_count += 1
-        return lease
-
-    def _count(self, which: tuple[str, _Key], now: float) -> None:
+    def _count(self, which: tuple[str, LeaseKey], now: float) -> None:
         second = int(now)
         seen = self._rate.get(which)
         if seen is not None and seen[0] == second:
@@ -451,87 +324,3 @@ class LeasingCounters:
             self._rate[which] = (second, 1, count if last == second - 1 else 0)
         if len(self._rate) > MAX_LEASES:
             del self._rate[next(iter(self._rate))]  # the least recently used
-
-    def _hot(self, which: tuple[str, _Key], now: float) -> bool:
-        last, count, before = self._rate.get(which, (0, 0, 0))
-        if last != int(now):
-            return False
-        return max(count, before) >= self._hot_requests
-
-    def _observe(self, key: _Key, team_id: str, result: ReserveResult) -> None:
-        """Remember the headroom a store answer showed; a missing counter voids leases."""
-        seen = (team_id, key)
-        self._seen.pop(seen, None)
-        if result.status is not ReserveStatus.MISSING and result.states:
-            self._seen[seen] = result.states
-            if len(self._seen) > MAX_LEASES:
-                del self._seen[next(iter(self._seen))]  # the oldest
-
-    async def _retire(self, lease: Lease, now: float) -> None:
-        """No more admissions from ``lease``; release it once its requests are done."""
-        team = self._active.get(lease.team_id, {})
-        for key in [k for k, v in team.items() if v is lease]:
-            del team[key]
-            self._lease_count -= 1
-            self._seen.pop((lease.team_id, key), None)  # the next lease uses fresh headroom
-        if not team:
-            self._active.pop(lease.team_id, None)
-        lease.retired = True
-        self._retired.setdefault(lease.team_id, []).append(lease)
-        await self._release_if_done(lease, now)
-
-    async def _release_if_done(self, lease: Lease, now: float) -> bool:
-        """Release a retired lease whose requests are all done; True when it was."""
-        if not lease.retired or lease.outstanding:
-            return False
-        group = self._retired.get(lease.team_id)
-        if group is not None and lease in group:
-            group.remove(lease)
-            if not group:
-                del self._retired[lease.team_id]
-        if lease.lease_id:
-            # The store down: the hold expires there by itself (lease time + hold TTL).
-            with contextlib.suppress(Unavailable):
-                await self.inner.release(lease.team_id, lease.lease_id, now)
-        return True
-
-    async def _sweep(self, team_id: str, now: float) -> None:
-        """Retire the team's leases whose time is up (a new window makes new scope sets, so
-        old ones are never asked for again); requests whose holds expired free theirs."""
-        for lease in [x for x in self._active.get(team_id, {}).values() if now >= x.admit_until]:
-            await self._retire(lease, now)
-        for lease in list(self._retired.get(team_id, ())):
-            # Admission order is (nearly) expiry order: drop from the front while expired,
-            # so a sweep costs what it frees, not what is outstanding.
-            while lease.outstanding:
-                rid = next(iter(lease.outstanding))
-                if lease.outstanding[rid][1] > now:
-                    break
-                del lease.outstanding[rid]
-                self._by_reservation.pop(rid, None)
-            await self._release_if_done(lease, now)
-
-    async def _guard(self, call: Awaitable[T]) -> T:
-        """``call``; when the store fails, stop admitting from every lease (a lease is only
-        spent while the store that holds it is known to be up: ``redis_down: deny`` means
-        no decision without Redis)."""
-        try:
-            return await call
-        except Unavailable:
-            self._forget_all()
-            raise
-
-    def _forget_all(self) -> None:
-        """Retire every active lease at once (their holds are released once done, or expire)."""
-        self._generation += 1
-        for team_id, team in list(self._active.items()):
-            for lease in team.values():
-                lease.retired = True
-                self._retired.setdefault(team_id, []).append(lease)
-        self._active.clear()
-        self._lease_count = 0
-        self._seen.clear()
-
-    async def _forget_team(self, team_id: str, now: float) -> None:
-        for lease in list(self._active.get(team_id, {}).values()):
-            await self._retire(lease, now)
