@@ -301,3 +301,24 @@ async def test_too_many_leased_requests_out_go_to_the_store_without_new_leases(
     # The first request plainly, one lease, and the 179 past the bound plainly.
     held = 1000 + (limit - 1000) // LEASE_FRACTION + 179 * 1000
     assert (await inner.read("t", found, NOW))[1] == CounterState(0, held)
+
+
+async def test_overdue_settles_claimed_by_a_lease_reserve_reach_the_caller(
+    inner: CounterStore,
+) -> None:
+    # A RecordSpend announced its settle and its replica died before settling. The next
+    # reserve of the team claims it (and pushes its deadline on) for its caller to recover
+    # from the ledger, also when that reserve is the one that takes a lease: dropping the
+    # claim there left the counters short of the ledger until the claim ran out.
+    leasing = LeasingCounters(inner, lease_seconds=5.0, hot_requests=1)
+    found = await ready(inner, 16_000_000)
+    await leasing.begin_settle("t", found, "dead-request", NOW, 1.0)
+    first = await leasing.reserve("t", found, 1000, "r0", NOW + TTL, NOW, NEVER)
+    assert first.status is ReserveStatus.RESERVED and first.unsettled == ()  # not yet due
+    later = NOW + 2.0
+    second = await leasing.reserve("t", found, 1000, "r1", later + TTL, later, NEVER)
+    assert second.status is ReserveStatus.RESERVED
+    assert leasing.local_admits == 1  # admitted from the lease its reserve just took
+    assert second.unsettled == ("dead-request",)
+    third = await leasing.reserve("t", found, 1000, "r2", later + TTL, later, NEVER)
+    assert third.unsettled == ()  # handed over once

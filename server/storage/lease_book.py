@@ -55,6 +55,7 @@ class LeaseBook:
     _serial: int
     _generation: int
     _lease_count: int
+    _claimed: dict[str, list[str]]
 
     async def _lease_once(
         self,
@@ -77,6 +78,16 @@ class LeaseBook:
             del self._pending[(team_id, key)]
         future.set_result(lease)
         return lease
+
+    def _keep_claimed(self, team_id: str, result: ReserveResult) -> None:
+        """Keep the overdue settles a lease's own reserve claimed, for the caller to recover.
+
+        The store hands them to whoever reserves next and pushes their deadline on, so a
+        lease taken on a request's behalf must not drop them: LeasingCounters.reserve passes
+        them on to its caller, who settles them from the ledger (server.settling).
+        """
+        if result.unsettled:
+            self._claimed.setdefault(team_id, []).extend(result.unsettled)
 
     async def _new_lease(
         self,
@@ -102,6 +113,7 @@ class LeaseBook:
             result = await self.inner.reserve(
                 team_id, scopes, 0, "", hold_expires_at, now, Enforcement.NEVER_EXCEED
             )
+            self._keep_claimed(team_id, result)
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
@@ -117,6 +129,7 @@ class LeaseBook:
                 team_id, scopes, size, lease_id, hold_expires_at + self._seconds, now,
                 Enforcement.NEVER_EXCEED,
             )  # fmt: skip
+            self._keep_claimed(team_id, result)
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None

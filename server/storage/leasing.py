@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -96,6 +97,8 @@ class LeasingCounters(LeaseBook):
         self._serial = 0
         self._generation = 0  # bumped whenever every lease is forgotten
         self._lease_count = 0  # active leases
+        # Per team: overdue settles a lease's reserve claimed, not yet handed to a caller.
+        self._claimed = {}
         self.local_admits = 0  # decisions answered here (for tests and the bench)
 
     async def start(self) -> None:
@@ -134,12 +137,13 @@ class LeasingCounters(LeaseBook):
             # counters are rebuilt when it returns, so no lease taken there is trusted again.
             self._forget_all()
         if rates or self._seconds <= 0 or amount < 0 or getattr(self.inner, "failed_over", False):
-            return await self._guard(
+            result = await self._guard(
                 self.inner.reserve(
                     team_id, scopes, amount, reservation_id, hold_expires_at, now, mode,
                     rates=rates,
                 )
             )  # fmt: skip
+            return self._hand_over(team_id, result)
         key = lease_key(scopes, mode)
         self._count((team_id, key), now)
         await self._sweep(team_id, now)
@@ -158,12 +162,22 @@ class LeasingCounters(LeaseBook):
             else:
                 lease = await self._lease_once(key, team_id, scopes, amount, hold_expires_at, now)
             if lease is not None and fits(lease, amount, now):
-                return self._admit(lease, amount, reservation_id, hold_expires_at)
+                return self._hand_over(
+                    team_id, self._admit(lease, amount, reservation_id, hold_expires_at)
+                )
         result = await self._guard(
             self.inner.reserve(team_id, scopes, amount, reservation_id, hold_expires_at, now, mode)
         )
         self._observe(key, team_id, result)
-        return result
+        return self._hand_over(team_id, result)
+
+    def _hand_over(self, team_id: str, result: ReserveResult) -> ReserveResult:
+        """``result`` with the overdue settles a lease's reserve claimed for the team (see
+        LeaseBook._keep_claimed): the caller recovers them, as after any reserve."""
+        claimed = self._claimed.pop(team_id, None) if self._claimed else None
+        if not claimed:
+            return result
+        return dataclasses.replace(result, unsettled=(*result.unsettled, *claimed))
 
     def lease_for(self, team_id: str, key: LeaseKey) -> Lease | None:
         """This replica's live lease for the scope set ``key`` of ``team_id``, or None.
