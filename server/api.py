@@ -46,9 +46,11 @@ class BudgetAuthorityService(AdminRpcs, pb_grpc.BudgetAuthorityServicer):
         self._reports = reports
         self._wire = WireDecisions()
 
-    async def CheckBudget(
+    # A hot allow is answered as serialised bytes (server.wire_bytes): the method is
+    # registered with a response serialiser that sends bytes as they are (server.app).
+    async def CheckBudget(  # type: ignore[override]
         self, request: pb.CheckBudgetRequest, context: Context
-    ) -> pb.CheckBudgetResponse:
+    ) -> pb.CheckBudgetResponse | bytes:
         started = time.perf_counter()
         # A busy key's allow straight off the wire (server.hot); anything else, in full.
         hot = self._authority.check_hot(

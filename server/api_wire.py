@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from server import wire_bytes
 from server.admin import KeyView, MemberChanges, MemberView, ModelBudgetInput, TeamView
 from server.authority import Decision
 from server.errors import BudgetdError, grpc_code
@@ -32,6 +33,8 @@ _SCOPES = {
     ScopeKind.TEAM: pb.SCOPE_TEAM,
     ScopeKind.MEMBER: pb.SCOPE_TEAM_MEMBER,
 }
+_RESERVATION_ID = wire_bytes.Field.of(pb.CheckBudgetResponse, "reservation_id")
+_RESERVED = wire_bytes.Field.of(pb.CheckBudgetResponse, "reserved")
 
 
 async def abort(context: Context, error: BudgetdError) -> NoReturn:
@@ -121,28 +124,36 @@ class WireDecisions:
     """:func:`decision_to_pb`, converting a hot-path template once (server.hot).
 
     Allows from the hot path differ from their template only in ``reservation_id`` and
-    ``reserved``: the template's message is kept and copied for each answer.
+    ``reserved``: each answer is the template's serialised message without those two,
+    followed by those two (:mod:`server.wire_bytes`), which gRPC sends as they are.
     """
 
     def __init__(self) -> None:
-        self._forms: TemplateForms[pb.CheckBudgetResponse] = TemplateForms()
+        self._forms: TemplateForms[bytes] = TemplateForms()
 
-    def convert(self, decision: Decision) -> pb.CheckBudgetResponse:
+    def convert(self, decision: Decision) -> pb.CheckBudgetResponse | bytes:
+        """The answer to send: a message, or a hot allow's serialised form."""
         template = decision.template
         if template is None:
             return decision_to_pb(decision)
         return self.hot(HotAllow(template, decision.reservation_id, decision.reserved_nanos))
 
-    def hot(self, allow: HotAllow) -> pb.CheckBudgetResponse:
-        """The wire form of a hot-path allow: a copy of its template's, with its own hold."""
+    def hot(self, allow: HotAllow) -> bytes:
+        """The serialised CheckBudgetResponse of a hot-path allow: its template's, then
+        its own reservation id and hold."""
         base = self._forms.get(allow.template)
         if base is None:
-            base = self._forms.put(allow.template, decision_to_pb(allow.template))
-        answer = pb.CheckBudgetResponse()
-        answer.CopyFrom(base)
-        answer.reservation_id = allow.reservation_id
-        answer.reserved = nanos_to_usd(allow.reserved_nanos)
-        return answer
+            answer = decision_to_pb(allow.template)
+            answer.ClearField("reservation_id")
+            answer.ClearField("reserved")
+            base = self._forms.put(allow.template, answer.SerializeToString())
+        return b"".join(
+            (
+                base,
+                _RESERVATION_ID.length_delimited(allow.reservation_id.encode()),
+                _RESERVED.double(nanos_to_usd(allow.reserved_nanos)),
+            )
+        )
 
 
 def decision_to_pb(decision: Decision) -> pb.CheckBudgetResponse:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from server import wire_bytes
 from server.admin import Admin
 from server.api import BudgetAuthorityService
 from server.authority import Authority
@@ -208,7 +209,12 @@ class BudgetdServer:
         service = BudgetAuthorityService(
             self.authority, self.admin, settings.master_key, self.metrics, reports
         )
-        budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server(service, server)
+        wire_bytes.add_servicer(
+            budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server,
+            service,
+            server,
+            ("CheckBudget",),
+        )
         self._envoy_spend = add_envoy_services(server, self.authority, settings, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

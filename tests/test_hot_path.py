@@ -11,6 +11,7 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as auth_pb
 
 from server.admin import Admin, MemberChanges, NewKey, NewTeam, TeamChanges
 from server.api_wire import WireDecisions, decision_to_pb
@@ -18,6 +19,7 @@ from server.authority import Authority, CheckRequest, Decision, Reason
 from server.clock import FakeClock
 from server.envoy.authz import AllowAnswers, _allowed
 from server.envoy.openai import RequestFacts
+from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.identity import ReservationCodec
 from server.rules import Enforcement
 from server.storage.cached_records import CachedRecords
@@ -222,23 +224,27 @@ async def test_a_used_up_lease_goes_back_to_the_store(setup: Setup) -> None:
     assert 900 <= allowed <= 1000 - 4
 
 
-async def test_wire_forms_are_the_same_bytes(setup: Setup) -> None:
+async def test_wire_forms_parse_to_the_full_paths_messages(setup: Setup) -> None:
+    # A hot answer is its template's bytes and then its own fields (server.wire_bytes):
+    # parsed, it is the message the full path builds, field for field.
     _, key = await new_key(setup, max_budget=100.0, budget_duration="30d")
     hot = await warm(setup, key)
     same = plain(hot)
     same = dataclasses.replace(same, reservation_id=hot.reservation_id)
     wire = WireDecisions()
     for _ in range(2):  # the first converts the template, the second reuses it
-        assert wire.convert(hot).SerializeToString(deterministic=True) == decision_to_pb(
-            same
-        ).SerializeToString(deterministic=True)
+        answer = wire.convert(hot)
+        assert isinstance(answer, bytes)
+        assert pb.CheckBudgetResponse.FromString(answer) == decision_to_pb(same)
     allows = AllowAnswers()
     for model, used in (("llama3", ["authorization"]), ("", ["x-api-key"])):
         facts = RequestFacts(model=model)
         for _ in range(2):
-            assert allows.convert(hot, facts, used).SerializeToString(
-                deterministic=True
-            ) == _allowed(same, facts, used).SerializeToString(deterministic=True)
+            sent = allows.convert(hot, facts, used)
+            assert isinstance(sent, bytes)
+            parsed = auth_pb.CheckResponse.FromString(sent)
+            # (Repeated fields compare in order: the same headers in the same order.)
+            assert parsed == _allowed(same, facts, used)
 
 
 async def test_quiet_keys_are_not_remembered(setup: Setup) -> None:

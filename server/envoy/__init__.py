@@ -14,6 +14,7 @@ from server.authority import Authority
 from server.envoy import authz, ext_proc
 from server.metrics import Metrics
 from server.settings import Settings
+from server.wire_bytes import add_servicer
 
 SERVICE_NAMES = (authz.SERVICE_NAME, ext_proc.SERVICE_NAME)
 
@@ -26,9 +27,9 @@ def add_envoy_services(
     Returns the ext_proc servicer, whose :meth:`~ext_proc.EnvoySpend.drain` waits for the
     settlements still in flight at shutdown.
     """
-    auth_grpc.add_AuthorizationServicer_to_server(
-        authz.EnvoyAuthorization(authority, settings, metrics), server
-    )
+    # A hot allow is answered as serialised bytes (server.wire_bytes).
+    authorization = authz.EnvoyAuthorization(authority, settings, metrics)
+    add_servicer(auth_grpc.add_AuthorizationServicer_to_server, authorization, server, ("Check",))
     spend = ext_proc.EnvoySpend(authority, settings, metrics)
     proc_grpc.add_ExternalProcessorServicer_to_server(spend, server)
     return spend

@@ -45,7 +45,7 @@ from server.denials import (
     split_credential,
 )
 from server.envoy.openai import BodyError, RequestFacts, parse_request
-from server.envoy.wire import header_values, set_headers
+from server.envoy.wire import SetHeaderBytes, StructEntryBytes, header_values, set_headers
 from server.errors import BudgetdError, grpc_code
 from server.hot import HotAllow, TemplateForms
 from server.identity import bearer_token
@@ -53,8 +53,17 @@ from server.metrics import Metrics
 from server.money import nanos_to_usd
 from server.settings import Settings
 from server.validation import MAX_TEXT
+from server.wire_bytes import Field
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+# The parts of a hot allow's answer that are its own (AllowAnswers).
+_OK = Field.of(auth_pb.CheckResponse, "ok_response")
+_METADATA = Field.of(auth_pb.CheckResponse, "dynamic_metadata")
+_HEADERS = Field.of(auth_pb.OkHttpResponse, "headers")
+_SET_RESERVATION_ID = SetHeaderBytes(HEADER_RESERVATION_ID)
+_SET_RESERVED = SetHeaderBytes(HEADER_RESERVED)
+_RESERVATION_ID = StructEntryBytes("reservation_id")
+_RESERVED_USD = StructEntryBytes("reserved_usd")
 log = logging.getLogger("budgetd.envoy")
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -201,6 +210,11 @@ def _allowed(decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
         reserved_usd=nanos_to_usd(decision.reserved_nanos),
         model=facts.model,
     )
+    # The two values each answer has of its own go last: a hot answer appends them to its
+    # template's bytes (AllowAnswers), and both must parse to the same message.
+    for name in (HEADER_RESERVATION_ID, HEADER_RESERVED):
+        if name in upstream:
+            upstream[name] = upstream.pop(name)
     drop = used + [name for name in ALLOW_HEADERS if name not in upstream]
     metadata = _facts(decision)
     if facts.model:
@@ -216,48 +230,54 @@ def _allowed(decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
 class AllowAnswers:
     """:func:`_allowed`, building the answer of a hot-path template once (server.hot).
 
-    A hot-path allow differs from its template only in its reservation id and estimate: the
-    template's CheckResponse (per model and key-carrying headers) is kept, and each
-    answer is a copy with those two values put in (headers and dynamic metadata), the same
-    bytes :func:`_allowed` would build.
+    A hot-path allow differs from its template only in its reservation id and estimate.
+    Per template, model and key-carrying headers the template's CheckResponse is
+    serialised once without them; each answer is those bytes followed by its own two
+    headers and two metadata values (:mod:`server.wire_bytes`), which parse to the message
+    :func:`_allowed` builds (it puts those two headers last for that reason).
     """
 
     def __init__(self) -> None:
-        # Per template, model and key-carrying headers: the response, and the indexes of
-        # its reservation and reserved headers.
-        self._forms: TemplateForms[tuple[Any, int, int]] = TemplateForms()
+        self._forms: TemplateForms[bytes] = TemplateForms()
 
     def convert(self, decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
+        """The answer to send for an allow: a CheckResponse, or a hot allow's bytes."""
         template = decision.template
         if template is None:
             return _allowed(decision, facts, used)
         allow = HotAllow(template, decision.reservation_id, decision.reserved_nanos)
         return self.hot(allow, facts, used)
 
-    def hot(self, allow: HotAllow, facts: RequestFacts, used: list[str]) -> Any:
-        """The CheckResponse of a hot-path allow: a copy of its template's, with its hold."""
+    def hot(self, allow: HotAllow, facts: RequestFacts, used: list[str]) -> bytes:
+        """The serialised CheckResponse of a hot-path allow: its template's, then its hold."""
         template = allow.template
         extra = (facts.model, tuple(used))
-        cached = self._forms.get(template, extra)
-        if cached is None:
-            response = _allowed(template, facts, used)
-            names = [option.header.key for option in response.ok_response.headers]
-            at = (names.index(HEADER_RESERVATION_ID), names.index(HEADER_RESERVED))
-            cached = self._forms.put(template, (response, *at), extra)
-        base, reservation_at, reserved_at = cached
-        answer = auth_pb.CheckResponse()
-        answer.CopyFrom(base)
+        base = self._forms.get(template, extra)
+        if base is None:
+            base = self._forms.put(template, _without_hold(_allowed(template, facts, used)), extra)
         reserved = nanos_to_usd(allow.reserved_nanos)
-        headers = answer.ok_response.headers
-        # budgetd's own ids are base64url, digits and dots: nothing for header_text to strip.
-        headers[reservation_at].header.value = allow.reservation_id
-        headers[reserved_at].header.value = repr(reserved)
-        # Straight into the Struct's map: its item assignment is Python code, this is not.
-        fields = answer.dynamic_metadata.fields
-        if allow.reservation_id:
-            fields["reservation_id"].string_value = allow.reservation_id
-        fields["reserved_usd"].number_value = reserved
-        return answer
+        # budgetd's own ids are base64url, digits and dots, and a float's repr is plain
+        # ASCII: nothing for set_headers' header_text to strip.
+        reservation_id = allow.reservation_id.encode()
+        headers = _HEADERS.length_delimited(_SET_RESERVATION_ID(reservation_id))
+        headers += _HEADERS.length_delimited(_SET_RESERVED(repr(reserved).encode()))
+        metadata = _RESERVED_USD.number(reserved)
+        if reservation_id:  # (_struct leaves empty values out)
+            metadata = _RESERVATION_ID.string(reservation_id) + metadata
+        return b"".join((base, _OK.length_delimited(headers), _METADATA.length_delimited(metadata)))
+
+
+def _without_hold(response: Any) -> bytes:
+    """A hot template's serialised answer without the values each answer has of its own."""
+    headers = response.ok_response.headers
+    for index in reversed(range(len(headers))):
+        if headers[index].header.key in (HEADER_RESERVATION_ID, HEADER_RESERVED):
+            del headers[index]
+    fields = response.dynamic_metadata.fields
+    for name in ("reservation_id", "reserved_usd"):
+        if name in fields:
+            del fields[name]
+    return response.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _denied(denial: HttpDenial, metadata: dict[str, Any]) -> Any:

@@ -7,6 +7,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
+
+from server.wire_bytes import Field
 
 # Header values must not carry control characters: a value from a request body (the model
 # name) could otherwise try to split a header, and Envoy rejects such mutations outright.
@@ -40,3 +43,46 @@ def set_headers(headers: dict[str, str]) -> list[Any]:
         )
         for name, value in headers.items()
     ]
+
+
+_OPTION_HEADER = Field.of(base_pb2.HeaderValueOption, "header")
+_HEADER_KEY = Field.of(base_pb2.HeaderValue, "key")
+_HEADER_VALUE = Field.of(base_pb2.HeaderValue, "value")
+_ENTRY_KEY = Field.of(struct_pb2.Struct.FieldsEntry, "key")
+_ENTRY_VALUE = Field.of(struct_pb2.Struct.FieldsEntry, "value")
+_STRUCT_FIELDS = Field.of(struct_pb2.Struct, "fields")
+_STRING_VALUE = Field.of(struct_pb2.Value, "string_value")
+_NUMBER_VALUE = Field.of(struct_pb2.Value, "number_value")
+
+
+class SetHeaderBytes:
+    """The serialised ``HeaderValueOption`` that :func:`set_headers` builds for one header
+    name, for each value (a value with nothing for ``header_text`` to strip)."""
+
+    def __init__(self, name: str) -> None:
+        self._key = _HEADER_KEY.length_delimited(name.encode())
+        # Every field but the header, as set_headers sets them.
+        self._rest: bytes = base_pb2.HeaderValueOption(append_action=_OVERWRITE).SerializeToString()
+
+    def __call__(self, value: bytes) -> bytes:
+        header = self._key + _HEADER_VALUE.length_delimited(value)
+        return _OPTION_HEADER.length_delimited(header) + self._rest
+
+
+class StructEntryBytes:
+    """One entry of a ``google.protobuf.Struct``, serialised: parsed after a Struct's other
+    bytes, it sets (or replaces) that one key."""
+
+    def __init__(self, name: str) -> None:
+        self._key = _ENTRY_KEY.length_delimited(name.encode())
+
+    def string(self, value: bytes) -> bytes:
+        """The entry holding the string ``value`` (UTF-8)."""
+        return self._entry(_STRING_VALUE.length_delimited(value))
+
+    def number(self, value: float) -> bytes:
+        """The entry holding the number ``value``."""
+        return self._entry(_NUMBER_VALUE.double(value))
+
+    def _entry(self, value: bytes) -> bytes:
+        return _STRUCT_FIELDS.length_delimited(self._key + _ENTRY_VALUE.length_delimited(value))

@@ -1,0 +1,114 @@
+"""Hot answers on the wire as their template's bytes followed by the few fields of their own.
+
+A hot-path allow (:mod:`server.hot`) differs from its template only in its reservation id
+and its estimate. Protobuf's parser merges what it reads into what it has read: a later
+scalar replaces an earlier one, repeated fields and map entries are appended (a later entry
+of a map key wins), an embedded message is merged field by field. So the template's
+serialised answer without those fields, followed by those fields alone, parses to the very
+message a faces' full path builds, and an answer costs a byte join instead of a message
+copy, two setters and a serialisation of the whole (the two faces keep one such base per
+template, see ``WireDecisions`` and ``AllowAnswers``).
+
+The encoders below write the protobuf wire format for the few shapes those suffixes need
+(length-delimited fields and doubles); the tests parse what they write with protobuf.
+:func:`add_servicer` registers a generated servicer so that a handler may return such bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import grpc
+
+_LENGTH_DELIMITED = 2
+_FIXED64 = 1
+_DOUBLE = struct.Struct("<d").pack
+
+
+def varint(value: int) -> bytes:
+    """``value`` (not negative) as a protobuf varint."""
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:  # a reservation id's length: the common case, without a loop
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def tag(number: int, wire_type: int) -> bytes:
+    """The key that starts field ``number`` of ``wire_type``."""
+    return varint(number << 3 | wire_type)
+
+
+class Field:
+    """One field of a message, its keys encoded once, for answers built per request."""
+
+    def __init__(self, number: int) -> None:
+        self._length_delimited = tag(number, _LENGTH_DELIMITED)
+        self._fixed64 = tag(number, _FIXED64)
+
+    @classmethod
+    def of(cls, message: Any, name: str) -> Field:
+        """Field ``name`` of the generated ``message`` class (its number from the descriptor)."""
+        return cls(message.DESCRIPTOR.fields_by_name[name].number)
+
+    def length_delimited(self, payload: bytes) -> bytes:
+        """The field holding ``payload``: a string, bytes or an embedded message."""
+        return self._length_delimited + varint(len(payload)) + payload
+
+    def double(self, value: float) -> bytes:
+        """The field holding the double ``value``."""
+        return self._fixed64 + _DOUBLE(value)
+
+
+def serialized(response: Any) -> bytes:
+    """gRPC's response serialiser for a method whose handler may answer with bytes."""
+    if response.__class__ is bytes:
+        return response
+    serialize: Callable[[], bytes] = response.SerializeToString
+    return serialize()
+
+
+class _Recorder:
+    """Stands in for a server while a generated ``add_*Servicer_to_server`` runs."""
+
+    def __init__(self) -> None:
+        self.services: list[tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        pass  # the same table reaches add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.services.append((service, handlers))
+
+
+def add_servicer(
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    methods: Collection[str],
+) -> None:
+    """``add(servicer, server)`` (a generated ``add_*Servicer_to_server``), except that the
+    unary ``methods`` send bytes their handler returns as they are."""
+    recorder = _Recorder()
+    add(servicer, recorder)
+    for service, handlers in recorder.services:
+        table = dict(handlers)
+        for name in methods:
+            handler = table[name]
+            assert handler.unary_unary is not None, f"{service}/{name} is not unary"
+            table[name] = grpc.unary_unary_rpc_method_handler(
+                handler.unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=serialized,
+            )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, table),))
+        server.add_registered_method_handlers(service, table)
