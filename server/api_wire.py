@@ -25,6 +25,7 @@ from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.hot import HotAllow, TemplateForms
 from server.money import nanos_to_usd
 from server.storage.base import ModelBudget, ScopeKind
+from server.wire_bytes import length_delimited
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -35,6 +36,7 @@ _SCOPES = {
 }
 _RESERVATION_ID = wire_bytes.Field.of(pb.CheckBudgetResponse, "reservation_id")
 _RESERVED = wire_bytes.Field.of(pb.CheckBudgetResponse, "reserved")
+_HOLDS = 1024
 
 
 async def abort(context: Context, error: BudgetdError) -> NoReturn:
@@ -130,6 +132,9 @@ class WireDecisions:
 
     def __init__(self) -> None:
         self._forms: TemplateForms[bytes] = TemplateForms()
+        # Per hold amount (a hot key's estimate rarely changes): its field, serialised.
+        # Bounded: cleared when it grows past _HOLDS.
+        self._holds: dict[int, bytes] = {}
 
     def convert(self, decision: Decision) -> pb.CheckBudgetResponse | bytes:
         """The answer to send: a message, or a hot allow's serialised form."""
@@ -147,13 +152,15 @@ class WireDecisions:
             answer.ClearField("reservation_id")
             answer.ClearField("reserved")
             base = self._forms.put(allow.template, answer.SerializeToString())
-        return b"".join(
-            (
-                base,
-                _RESERVATION_ID.length_delimited(allow.reservation_id.encode()),
-                _RESERVED.double(nanos_to_usd(allow.reserved_nanos)),
+        hold = self._holds.get(allow.reserved_nanos)
+        if hold is None:
+            if len(self._holds) >= _HOLDS:
+                self._holds.clear()
+            hold = self._holds[allow.reserved_nanos] = _RESERVED.double(
+                nanos_to_usd(allow.reserved_nanos)
             )
-        )
+        reservation_id = length_delimited(_RESERVATION_ID.key, allow.reservation_id.encode())
+        return base + reservation_id + hold
 
 
 def decision_to_pb(decision: Decision) -> pb.CheckBudgetResponse:

@@ -29,16 +29,25 @@ _DOUBLE = struct.Struct("<d").pack
 
 def varint(value: int) -> bytes:
     """``value`` (not negative) as a protobuf varint."""
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:  # a reservation id's length: the common case, without a loop
-        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# The varint of every length a hot answer's fields have (a few hundred bytes): looked up,
+# not computed, since on a loaded event loop each Python call costs a microsecond or so.
+_SHORT = 2048
+_LENGTHS = tuple(varint(n) for n in range(_SHORT))
+
+
+def length_delimited(key: bytes, payload: bytes) -> bytes:
+    """A string, bytes or embedded-message field: its ``key`` (:attr:`Field.key`), the
+    payload's length, the payload."""
+    size = len(payload)
+    return key + (_LENGTHS[size] if size < _SHORT else varint(size)) + payload
 
 
 def tag(number: int, wire_type: int) -> bytes:
@@ -50,7 +59,7 @@ class Field:
     """One field of a message, its keys encoded once, for answers built per request."""
 
     def __init__(self, number: int) -> None:
-        self._length_delimited = tag(number, _LENGTH_DELIMITED)
+        self.key = tag(number, _LENGTH_DELIMITED)  # as a string, bytes or message field
         self._fixed64 = tag(number, _FIXED64)
 
     @classmethod
@@ -60,7 +69,7 @@ class Field:
 
     def length_delimited(self, payload: bytes) -> bytes:
         """The field holding ``payload``: a string, bytes or an embedded message."""
-        return self._length_delimited + varint(len(payload)) + payload
+        return length_delimited(self.key, payload)
 
     def double(self, value: float) -> bytes:
         """The field holding the double ``value``."""

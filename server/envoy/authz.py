@@ -53,7 +53,7 @@ from server.metrics import Metrics
 from server.money import nanos_to_usd
 from server.settings import Settings
 from server.validation import MAX_TEXT
-from server.wire_bytes import Field
+from server.wire_bytes import Field, length_delimited
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 # The parts of a hot allow's answer that are its own (AllowAnswers).
@@ -64,6 +64,7 @@ _SET_RESERVATION_ID = SetHeaderBytes(HEADER_RESERVATION_ID)
 _SET_RESERVED = SetHeaderBytes(HEADER_RESERVED)
 _RESERVATION_ID = StructEntryBytes("reservation_id")
 _RESERVED_USD = StructEntryBytes("reserved_usd")
+_HOLDS = 1024
 log = logging.getLogger("budgetd.envoy")
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -239,6 +240,9 @@ class AllowAnswers:
 
     def __init__(self) -> None:
         self._forms: TemplateForms[bytes] = TemplateForms()
+        # Per hold amount (a hot key's estimate rarely changes): its header option and
+        # its metadata entry, serialised. Bounded: cleared when it grows past _HOLDS.
+        self._holds: dict[int, tuple[bytes, bytes]] = {}
 
     def convert(self, decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
         """The answer to send for an allow: a CheckResponse, or a hot allow's bytes."""
@@ -255,16 +259,29 @@ class AllowAnswers:
         base = self._forms.get(template, extra)
         if base is None:
             base = self._forms.put(template, _without_hold(_allowed(template, facts, used)), extra)
-        reserved = nanos_to_usd(allow.reserved_nanos)
-        # budgetd's own ids are base64url, digits and dots, and a float's repr is plain
-        # ASCII: nothing for set_headers' header_text to strip.
+        hold = self._holds.get(allow.reserved_nanos)
+        if hold is None:
+            hold = self._hold(allow.reserved_nanos)
+        # budgetd's own ids are base64url, digits and dots: nothing for set_headers'
+        # header_text to strip.
         reservation_id = allow.reservation_id.encode()
-        headers = _HEADERS.length_delimited(_SET_RESERVATION_ID(reservation_id))
-        headers += _HEADERS.length_delimited(_SET_RESERVED(repr(reserved).encode()))
-        metadata = _RESERVED_USD.number(reserved)
+        headers = length_delimited(_HEADERS.key, _SET_RESERVATION_ID(reservation_id)) + hold[0]
+        metadata = hold[1]
         if reservation_id:  # (_struct leaves empty values out)
             metadata = _RESERVATION_ID.string(reservation_id) + metadata
-        return b"".join((base, _OK.length_delimited(headers), _METADATA.length_delimited(metadata)))
+        return b"".join(
+            (base, length_delimited(_OK.key, headers), length_delimited(_METADATA.key, metadata))
+        )
+
+    def _hold(self, nanos: int) -> tuple[bytes, bytes]:
+        """The serialised reserved header option and metadata entry of a hold of ``nanos``."""
+        if len(self._holds) >= _HOLDS:
+            self._holds.clear()
+        reserved = nanos_to_usd(nanos)
+        # A float's repr is plain ASCII: nothing for header_text to strip either.
+        header = length_delimited(_HEADERS.key, _SET_RESERVED(repr(reserved).encode()))
+        hold = self._holds[nanos] = (header, _RESERVED_USD.number(reserved))
+        return hold
 
 
 def _without_hold(response: Any) -> bytes:

@@ -9,7 +9,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
-from server.wire_bytes import Field
+from server.wire_bytes import Field, length_delimited
 
 # Header values must not carry control characters: a value from a request body (the model
 # name) could otherwise try to split a header, and Envoy rejects such mutations outright.
@@ -65,8 +65,8 @@ class SetHeaderBytes:
         self._rest: bytes = base_pb2.HeaderValueOption(append_action=_OVERWRITE).SerializeToString()
 
     def __call__(self, value: bytes) -> bytes:
-        header = self._key + _HEADER_VALUE.length_delimited(value)
-        return _OPTION_HEADER.length_delimited(header) + self._rest
+        header = self._key + length_delimited(_HEADER_VALUE.key, value)
+        return length_delimited(_OPTION_HEADER.key, header) + self._rest
 
 
 class StructEntryBytes:
@@ -78,11 +78,10 @@ class StructEntryBytes:
 
     def string(self, value: bytes) -> bytes:
         """The entry holding the string ``value`` (UTF-8)."""
-        return self._entry(_STRING_VALUE.length_delimited(value))
+        value = length_delimited(_ENTRY_VALUE.key, length_delimited(_STRING_VALUE.key, value))
+        return length_delimited(_STRUCT_FIELDS.key, self._key + value)
 
     def number(self, value: float) -> bytes:
         """The entry holding the number ``value``."""
-        return self._entry(_NUMBER_VALUE.double(value))
-
-    def _entry(self, value: bytes) -> bytes:
-        return _STRUCT_FIELDS.length_delimited(self._key + _ENTRY_VALUE.length_delimited(value))
+        entry = self._key + length_delimited(_ENTRY_VALUE.key, _NUMBER_VALUE.double(value))
+        return length_delimited(_STRUCT_FIELDS.key, entry)
