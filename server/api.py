@@ -65,7 +65,7 @@ class BudgetAuthorityService(AdminRpcs, pb_grpc.BudgetAuthorityServicer):
         if hot is not None:
             seconds = time.perf_counter() - started
             self._metrics.observe_latency("CheckBudget", seconds)
-            self._metrics.decision(hot.template)  # counted by outcome, reason and scope
+            self._metrics.hot_decision(hot.template)  # by outcome, reason and scope
             if request_log.decisions_logged():
                 decision = answers.admitted(*hot)
                 request_log.decision("CheckBudget", request.request_id, decision, seconds)

@@ -101,7 +101,7 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         if hot is not None:
             seconds = time.perf_counter() - started
             self._metrics.observe_latency("EnvoyCheck", seconds)
-            self._metrics.decision(hot.template)  # counted by outcome, reason and scope
+            self._metrics.hot_decision(hot.template)  # by outcome, reason and scope
             if request_log.decisions_logged():
                 decision = answers.admitted(*hot)
                 request_log.decision("EnvoyCheck", request_id, decision, seconds)
