@@ -64,7 +64,7 @@ class BudgetAuthorityService(AdminRpcs, pb_grpc.BudgetAuthorityServicer):
         )
         if hot is not None:
             seconds = time.perf_counter() - started
-            self._metrics.observe_latency("CheckBudget", seconds)
+            self._metrics.latency.observe("CheckBudget", seconds)  # (one call less)
             self._metrics.hot_decision(hot.template)  # by outcome, reason and scope
             if request_log.decisions_logged():
                 decision = answers.admitted(*hot)

@@ -100,7 +100,7 @@ class EnvoyAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         )
         if hot is not None:
             seconds = time.perf_counter() - started
-            self._metrics.observe_latency("EnvoyCheck", seconds)
+            self._metrics.latency.observe("EnvoyCheck", seconds)  # (one call less)
             self._metrics.hot_decision(hot.template)  # by outcome, reason and scope
             if request_log.decisions_logged():
                 decision = answers.admitted(*hot)
