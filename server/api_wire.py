@@ -36,7 +36,6 @@ _SCOPES = {
 }
 _RESERVATION_ID = wire_bytes.Field.of(pb.CheckBudgetResponse, "reservation_id")
 _RESERVED = wire_bytes.Field.of(pb.CheckBudgetResponse, "reserved")
-_HOLDS = 1024
 
 
 async def abort(context: Context, error: BudgetdError) -> NoReturn:
@@ -132,9 +131,7 @@ class WireDecisions:
 
     def __init__(self) -> None:
         self._forms: TemplateForms[bytes] = TemplateForms()
-        # Per hold amount (a hot key's estimate rarely changes): its field, serialised.
-        # Bounded: cleared when it grows past _HOLDS.
-        self._holds: dict[int, bytes] = {}
+        self._holds: wire_bytes.HoldFields[bytes] = wire_bytes.HoldFields()
 
     def convert(self, decision: Decision) -> pb.CheckBudgetResponse | bytes:
         """The answer to send: a message, or a hot allow's serialised form."""
@@ -154,11 +151,8 @@ class WireDecisions:
             base = self._forms.put(allow.template, answer.SerializeToString())
         hold = self._holds.get(allow.reserved_nanos)
         if hold is None:
-            if len(self._holds) >= _HOLDS:
-                self._holds.clear()
-            hold = self._holds[allow.reserved_nanos] = _RESERVED.double(
-                nanos_to_usd(allow.reserved_nanos)
-            )
+            reserved = _RESERVED.double(nanos_to_usd(allow.reserved_nanos))
+            hold = self._holds.keep(allow.reserved_nanos, reserved)
         reservation_id = length_delimited(_RESERVATION_ID.key, allow.reservation_id.encode())
         return base + reservation_id + hold
 

@@ -228,7 +228,7 @@ class Authority:
         """An allow from a hot entry and this replica's lease, or None: the full path
         decides (see :mod:`server.hot` for when an entry may be used)."""
         assert self._cached is not None and self._leasing is not None
-        # (entry.covers(now), inlined: every hot request asks.)
+        # Inside every window of the entry and before the key expires, and still fresh.
         if not entry.opens <= now < entry.closes or not self._cached.still_fresh(entry.freshness):
             return None
         reservation_id = self._codec.encode_after(entry.prefix, now, tokens)

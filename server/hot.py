@@ -65,10 +65,6 @@ class HotEntry:
     # again, and an equal one comes to the same (the prices are fixed, the model is the key's).
     sizing: Sizing | None = None
 
-    def covers(self, now: float) -> bool:
-        """Is ``now`` inside every window of the entry and before the key expires?"""
-        return self.opens <= now < self.closes
-
 
 class HotAllow(NamedTuple):
     """A hot-path allow: its entry's template with this request's reservation and hold.

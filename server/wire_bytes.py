@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 _LENGTH_DELIMITED = 2
 _FIXED64 = 1
 _DOUBLE = struct.Struct("<d").pack
+V = TypeVar("V")
 
 
 def varint(value: int) -> bytes:
@@ -74,6 +75,23 @@ class Field:
     def double(self, value: float) -> bytes:
         """The field holding the double ``value``."""
         return self._fixed64 + _DOUBLE(value)
+
+
+class HoldFields(dict[int, V]):
+    """A face's serialised fields per hold amount in nano-USD (a hot key's estimate rarely
+    changes, so they are built once). Reading is the dict's own ``get``; :meth:`keep`
+    stores, starting over past ``capacity`` amounts."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        super().__init__()
+        self._capacity = capacity
+
+    def keep(self, nanos: int, fields: V) -> V:
+        """Remember ``fields`` for holds of ``nanos``; returns them."""
+        if len(self) >= self._capacity:
+            self.clear()
+        self[nanos] = fields
+        return fields
 
 
 def serialized(response: Any) -> bytes:

@@ -53,7 +53,7 @@ from server.metrics import Metrics
 from server.money import nanos_to_usd
 from server.settings import Settings
 from server.validation import MAX_TEXT
-from server.wire_bytes import Field, length_delimited
+from server.wire_bytes import Field, HoldFields, length_delimited
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 # The parts of a hot allow's answer that are its own (AllowAnswers).
@@ -64,7 +64,6 @@ _SET_RESERVATION_ID = SetHeaderBytes(HEADER_RESERVATION_ID)
 _SET_RESERVED = SetHeaderBytes(HEADER_RESERVED)
 _RESERVATION_ID = StructEntryBytes("reservation_id")
 _RESERVED_USD = StructEntryBytes("reserved_usd")
-_HOLDS = 1024
 log = logging.getLogger("budgetd.envoy")
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -240,9 +239,8 @@ class AllowAnswers:
 
     def __init__(self) -> None:
         self._forms: TemplateForms[bytes] = TemplateForms()
-        # Per hold amount (a hot key's estimate rarely changes): its header option and
-        # its metadata entry, serialised. Bounded: cleared when it grows past _HOLDS.
-        self._holds: dict[int, tuple[bytes, bytes]] = {}
+        # Per hold amount: its reserved header option and metadata entry.
+        self._holds: HoldFields[tuple[bytes, bytes]] = HoldFields()
 
     def convert(self, decision: Decision, facts: RequestFacts, used: list[str]) -> Any:
         """The answer to send for an allow: a CheckResponse, or a hot allow's bytes."""
@@ -275,13 +273,10 @@ class AllowAnswers:
 
     def _hold(self, nanos: int) -> tuple[bytes, bytes]:
         """The serialised reserved header option and metadata entry of a hold of ``nanos``."""
-        if len(self._holds) >= _HOLDS:
-            self._holds.clear()
         reserved = nanos_to_usd(nanos)
         # A float's repr is plain ASCII: nothing for header_text to strip either.
         header = length_delimited(_HEADERS.key, _SET_RESERVED(repr(reserved).encode()))
-        hold = self._holds[nanos] = (header, _RESERVED_USD.number(reserved))
-        return hold
+        return self._holds.keep(nanos, (header, _RESERVED_USD.number(reserved)))
 
 
 def _without_hold(response: Any) -> bytes:

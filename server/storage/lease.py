@@ -3,10 +3,10 @@
 Split from server/storage/leasing.py (its docstring tells how leasing works). Here the plain
 values, with no store and nothing to await: the constants that size and bound leases
 (LEASE_FRACTION, MIN_LEASE_REQUESTS, MAX_LEASES, HOT_REQUESTS, MAX_OUTSTANDING), a scope
-set's identity (LeaseKey, lease_key), the Lease dataclass with its room, and fits (may a
-request be admitted from a lease now; leasing's _fits before the split). leasing.py and
-lease_book.py import them at module level, so the hot path's fits and Lease.room are found
-as before: a plain global lookup and a method of the dataclass.
+set's identity (LeaseKey, lease_key), the Lease dataclass, and fits (may a request be
+admitted from a lease now, its room included; leasing's _fits before the split). leasing.py
+and lease_book.py import them at module level, so the hot path finds fits with a plain
+global lookup.
 """
 
 from __future__ import annotations
@@ -56,9 +56,6 @@ class Lease:
     retired: bool = False
     which: tuple[str, LeaseKey] = ("", ("", ()))  # (team_id, the scope set it was taken for)
 
-    def room(self) -> int | None:
-        return None if self.granted is None else self.granted - self.consumed
-
 
 def fits(lease: Lease, amount: int, now: float) -> bool:
     """May a request estimated at ``amount`` be admitted from ``lease`` now?"""
@@ -66,7 +63,7 @@ def fits(lease: Lease, amount: int, now: float) -> bool:
         return False
     if lease.granted is None:
         return True
-    room = lease.granted - lease.consumed  # Lease.room(), without a call on the hot path
+    room = lease.granted - lease.consumed
     return room > 0 and amount <= room
 
 

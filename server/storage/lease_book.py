@@ -7,7 +7,7 @@ a time per scope set, only for a hot scope set, sized from the headroom last see
 remembering the headroom store answers show, retiring a lease and releasing its hold once
 its requests are done, sweeping requests whose holds expired, and forgetting every lease
 when the store fails (_guard). The CounterStore methods and the hot path (admit_from and
-what it calls: _take, _count, fits, Lease.room) stay in leasing.py, on LeasingCounters
+what it calls: _take, _count, fits) stay in leasing.py, on LeasingCounters
 itself; _hot here reads the decision counts that LeasingCounters._count keeps.
 """
 
