@@ -22,7 +22,7 @@ from server.admin import KeyView, MemberChanges, MemberView, ModelBudgetInput, T
 from server.authority import Decision
 from server.errors import BudgetdError, grpc_code
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
-from server.hot import HotAllow, TemplateForms
+from server.hot import HotAllow
 from server.money import nanos_to_usd
 from server.storage.base import ModelBudget, ScopeKind
 from server.wire_bytes import length_delimited
@@ -36,6 +36,8 @@ _SCOPES = {
 }
 _RESERVATION_ID = wire_bytes.Field.of(pb.CheckBudgetResponse, "reservation_id")
 _RESERVED = wire_bytes.Field.of(pb.CheckBudgetResponse, "reserved")
+# A template's serialised CheckBudgetResponse without those two, in Decision.forms.
+_GRPC_FORM = "grpc"
 
 
 async def abort(context: Context, error: BudgetdError) -> NoReturn:
@@ -130,7 +132,6 @@ class WireDecisions:
     """
 
     def __init__(self) -> None:
-        self._forms: TemplateForms[bytes] = TemplateForms()
         self._holds: wire_bytes.HoldFields[bytes] = wire_bytes.HoldFields()
 
     def convert(self, decision: Decision) -> pb.CheckBudgetResponse | bytes:
@@ -143,12 +144,13 @@ class WireDecisions:
     def hot(self, allow: HotAllow) -> bytes:
         """The serialised CheckBudgetResponse of a hot-path allow: its template's, then
         its own reservation id and hold."""
-        base = self._forms.get(allow.template)
+        forms = allow.template.forms
+        base = forms.get(_GRPC_FORM)
         if base is None:
             answer = decision_to_pb(allow.template)
             answer.ClearField("reservation_id")
             answer.ClearField("reserved")
-            base = self._forms.put(allow.template, answer.SerializeToString())
+            base = forms[_GRPC_FORM] = answer.SerializeToString()
         hold = self._holds.get(allow.reserved_nanos)
         if hold is None:
             reserved = _RESERVED.double(nanos_to_usd(allow.reserved_nanos))

@@ -5,7 +5,7 @@ Plain data, shared by the authority, the gRPC and Envoy faces, metrics and logs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -69,6 +69,9 @@ class Decision:
     # An allow from the hot path (server.hot) is its entry's template with this request's
     # reservation_id and reserved_nanos: faces may convert the template once and reuse it.
     template: Decision | None = field(default=None, compare=False, repr=False)
+    # Of a hot-path template: what each face derives from it once (its wire form, its
+    # metric labels), by the face's own key, so a hot answer finds it with one lookup.
+    forms: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,9 @@ sets without rate limits). So the hot path gives exactly the answers the full pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import NamedTuple
 
 from server.decision import Decision
 from server.scopes import Principal
@@ -39,7 +39,6 @@ MAX_ENTRIES = 10_000
 # hash per request costs more than the rest of the lookup. Only this process's memory holds
 # it, as it holds every request in flight; the databases still see hashes only.
 HotKey = tuple[str, str, str]
-V = TypeVar("V")
 
 
 # A request's sizing and what it came to: (estimated_cost, max_tokens, prompt_tokens) as
@@ -69,8 +68,8 @@ class HotEntry:
 class HotAllow(NamedTuple):
     """A hot-path allow: its entry's template with this request's reservation and hold.
 
-    What the faces convert (each keeps the template's wire form, built once); as a Decision
-    it is ``answers.admitted(*allow)``.
+    What the faces convert (each keeps the template's wire form in its ``forms``); as a
+    Decision it is ``answers.admitted(*allow)``.
     """
 
     template: Decision
@@ -110,26 +109,3 @@ class HotAnswers:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-class TemplateForms(Generic[V]):
-    """A face's wire form of each hot-path template (``Decision.template``), built once.
-
-    Keyed by the template's identity (and whatever else the form depends on, ``extra``);
-    holding the template keeps its id from being reused while the form is kept. Bounded:
-    past ``capacity`` the oldest form is dropped (templates change with every lease).
-    """
-
-    def __init__(self, capacity: int = 1024) -> None:
-        self._forms: dict[tuple[int, Hashable], tuple[Decision, V]] = {}
-        self._capacity = capacity
-
-    def get(self, template: Decision, extra: Hashable = ()) -> V | None:
-        cached = self._forms.get((id(template), extra))
-        return cached[1] if cached is not None and cached[0] is template else None
-
-    def put(self, template: Decision, form: V, extra: Hashable = ()) -> V:
-        self._forms[(id(template), extra)] = (template, form)
-        if len(self._forms) > self._capacity:
-            del self._forms[next(iter(self._forms))]  # the oldest
-        return form

@@ -19,11 +19,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from server.authority import Decision, SpendResult
 from server.budget_metrics import SpendTotals, backend_of
 from server.errors import BudgetdError, Unavailable
-from server.hot import TemplateForms
 from server.loop_metrics import LoopCounter, LoopHistogram
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+
+# A hot-path template's decision labels, in its Decision.forms.
+_HOT_LABELS = "metric_labels"
 
 
 class Metrics:
@@ -83,7 +86,6 @@ class Metrics:
         self.spend_totals = SpendTotals()
         self.registry.register(self.spend_totals)
         self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
-        self._hot_labels: TemplateForms[tuple[str, str, str]] = TemplateForms()
 
     def decision(self, decision: Decision) -> None:
         """Count a CheckBudget (or Envoy Check) answer."""
@@ -94,9 +96,9 @@ class Metrics:
     def hot_decision(self, template: Decision) -> None:
         """Count a hot-path allow (server.hot) by its template, whose labels are worked
         out once: on a loaded event loop every Python call costs a microsecond or so."""
-        labels = self._hot_labels.get(template)
+        labels = template.forms.get(_HOT_LABELS)
         if labels is None:
-            labels = self._hot_labels.put(template, _labels(template))
+            labels = template.forms[_HOT_LABELS] = _labels(template)
         self.decisions.inc(labels)
         if template.soft_budget_exceeded:
             self.soft_budget.labels(template.team_id).inc()

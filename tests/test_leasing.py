@@ -252,6 +252,29 @@ async def test_a_kept_lease_handle_admits_nothing_once_the_lease_is_gone() -> No
     assert leasing.local_admits == admitted + 2  # r3 and h8
 
 
+async def test_decisions_admitted_from_a_kept_handle_keep_the_scope_set_hot(
+    inner: CounterStore,
+) -> None:
+    # The hot path admits through admit_from only; those decisions count towards the scope
+    # set's rate like any other, so when its lease's time is up a new one is taken.
+    leasing = LeasingCounters(inner, lease_seconds=2.0)  # the default: hot keys only
+    found = await ready(inner, 16_000_000)
+    for i in range(HOT_REQUESTS + 1):  # hot in the first second: the store, then a lease
+        await leasing.reserve("t", found, 1000, f"r{i}", NOW + TTL, NOW, NEVER)
+    lease = leasing.lease_for("t", lease_key(found, NEVER))
+    assert lease is not None
+    later = NOW + 1.5
+    for i in range(HOT_REQUESTS):  # the next second: from the handle alone
+        assert leasing.admit_from(lease, 1000, f"h{i}", later + TTL, later) is not None
+    admitted = leasing.local_admits
+    end = NOW + 2.5  # the lease's time is up; the second before was a hot one
+    for rid in ("e1", "e2"):  # the store's answer first (fresh headroom), then a new lease
+        await leasing.reserve("t", found, 1000, rid, end + TTL, end, NEVER)
+    fresh = leasing.lease_for("t", lease_key(found, NEVER))
+    assert fresh is not None and fresh is not lease
+    assert leasing.local_admits == admitted + 1
+
+
 async def test_failing_over_to_postgres_forgets_the_leases() -> None:
     store = Flaky()
     leasing = LeasingCounters(store, lease_seconds=60.0, hot_requests=1)

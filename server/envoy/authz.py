@@ -47,7 +47,7 @@ from server.denials import (
 from server.envoy.openai import BodyError, RequestFacts, parse_request
 from server.envoy.wire import SetHeaderBytes, StructEntryBytes, header_values, set_headers
 from server.errors import BudgetdError, grpc_code
-from server.hot import HotAllow, TemplateForms
+from server.hot import HotAllow
 from server.identity import bearer_token
 from server.metrics import Metrics
 from server.money import nanos_to_usd
@@ -238,7 +238,6 @@ class AllowAnswers:
     """
 
     def __init__(self) -> None:
-        self._forms: TemplateForms[bytes] = TemplateForms()
         # Per hold amount: its reserved header option and metadata entry.
         self._holds: HoldFields[tuple[bytes, bytes]] = HoldFields()
 
@@ -253,10 +252,10 @@ class AllowAnswers:
     def hot(self, allow: HotAllow, facts: RequestFacts, used: list[str]) -> bytes:
         """The serialised CheckResponse of a hot-path allow: its template's, then its hold."""
         template = allow.template
-        extra = (facts.model, tuple(used))
-        base = self._forms.get(template, extra)
+        form = ("envoy", facts.model, tuple(used))
+        base = template.forms.get(form)
         if base is None:
-            base = self._forms.put(template, _without_hold(_allowed(template, facts, used)), extra)
+            base = template.forms[form] = _without_hold(_allowed(template, facts, used))
         hold = self._holds.get(allow.reserved_nanos)
         if hold is None:
             hold = self._hold(allow.reserved_nanos)

@@ -55,6 +55,10 @@ class Lease:
     outstanding: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
     retired: bool = False
     which: tuple[str, LeaseKey] = ("", ("", ()))  # (team_id, the scope set it was taken for)
+    # Decisions per second of that scope set: [second, count in it, count in the second
+    # before], the very list LeasingCounters keeps for it. The hot path counts into it
+    # without hashing the scope set (a nested tuple, whose hash is not cached) per request.
+    rate: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
 def fits(lease: Lease, amount: int, now: float) -> bool:

@@ -48,7 +48,7 @@ class LeaseBook:
     _active: dict[str, dict[LeaseKey, Lease]]
     _retired: dict[str, list[Lease]]
     _seen: dict[tuple[str, LeaseKey], tuple[CounterState, ...]]
-    _rate: dict[tuple[str, LeaseKey], tuple[int, int, int]]
+    _rate: dict[tuple[str, LeaseKey], list[int]]
     _by_reservation: dict[str, Lease]
     _pending: dict[tuple[str, LeaseKey], asyncio.Future[Lease | None]]
     _prefix: str
@@ -100,9 +100,11 @@ class LeaseBook:
     ) -> Lease | None:
         """A lease cut from the headroom seen last time, or None (too little, or unknown)."""
         generation = self._generation
-        seen = self._seen.get((team_id, key))
-        if seen is None or not self._hot((team_id, key), now):
+        which = (team_id, key)
+        seen = self._seen.get(which)
+        if seen is None or not self._hot(which, now):
             return None  # first sight (a plain reservation tells the headroom), or quiet
+        rate = self._count(which, now, 0)  # its list, for the lease to count into
         headroom = [
             scope.limit_nanos - state.spend - state.held
             for scope, state in zip(scopes, seen, strict=True)
@@ -117,7 +119,7 @@ class LeaseBook:
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
-            lease = Lease(team_id, "", None, until, result.states, which=(team_id, key))
+            lease = Lease(team_id, "", None, until, result.states, which=which, rate=rate)
         else:
             # Below 2^53: the store shrinks a lease's hold with exact arithmetic.
             size = min(min(headroom) // LEASE_FRACTION, MAX_PARTIAL_RELEASE - 1)
@@ -133,7 +135,7 @@ class LeaseBook:
             if result.status is not ReserveStatus.RESERVED:
                 self._observe(key, team_id, result)
                 return None
-            lease = Lease(team_id, lease_id, size, until, result.states, which=(team_id, key))
+            lease = Lease(team_id, lease_id, size, until, result.states, which=which, rate=rate)
         if generation != self._generation:
             # The store failed (or failed over) while this lease was being taken: it is
             # not spent from; its hold is given back, or expires.
@@ -158,6 +160,29 @@ class LeaseBook:
         if last != int(now):
             return False
         return max(count, before) >= self._hot_requests
+
+    def _count(self, which: tuple[str, LeaseKey], now: float, decisions: int = 1) -> list[int]:
+        """Count ``decisions`` for the scope set ``which`` in the second of ``now``; its
+        rate list (what Lease.rate shares). The hot path counts into a lease's list itself
+        while the second is the same."""
+        second = int(now)
+        rate = self._rate.get(which)
+        if rate is not None and rate[0] == second:
+            rate[1] += decisions
+            return rate
+        if rate is None:
+            rate = [second, decisions, 0]
+        else:
+            # A new second: the entry moves to the recent end of the eviction order.
+            del self._rate[which]
+            rate[2] = rate[1] if rate[0] == second - 1 else 0
+            rate[0], rate[1] = second, decisions
+        self._rate[which] = rate
+        if len(self._rate) > MAX_LEASES:
+            # The least recently used. A lease still pointing at its list counts into it
+            # until its next new second, which links it to a fresh one.
+            del self._rate[next(iter(self._rate))]
+        return rate
 
     def _observe(self, key: LeaseKey, team_id: str, result: ReserveResult) -> None:
         """Remember the headroom a store answer showed; a missing counter voids leases."""
