@@ -6,9 +6,10 @@ declared here. Here is what keeps the leases, off the hot path: taking one (one 
 a time per scope set, only for a hot scope set, sized from the headroom last seen),
 remembering the headroom store answers show, retiring a lease and releasing its hold once
 its requests are done, sweeping requests whose holds expired, and forgetting every lease
-when the store fails (_guard). The CounterStore methods and the hot path (admit_from and
-what it calls: _take, _count, fits) stay in leasing.py, on LeasingCounters
-itself; _hot here reads the decision counts that LeasingCounters._count keeps.
+when the store fails (_guard), and counting the decisions per second of each scope set
+(_count, read by _hot; each lease shares its scope set's count, so the hot path counts
+into Lease.rate itself within a second). The CounterStore methods and the hot path
+(admit_from and what it calls: _take, fits) stay in leasing.py, on LeasingCounters itself.
 """
 
 from __future__ import annotations
