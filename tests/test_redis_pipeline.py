@@ -8,7 +8,9 @@ rest. Results must be exactly those of the unbatched path, which sequential call
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -234,6 +236,52 @@ async def test_redis_down_fails_every_caller_with_unavailable_then_a_restart_rec
         assert {r.status for r in reserved} == {ReserveStatus.RESERVED}
         assert batcher.pipelines > pipelines + 1
     finally:
+        await store.close()
+
+
+async def test_a_stalled_redis_times_out_each_round_trip_and_no_late_reply_is_misread(
+    own_redis: RedisServer,
+) -> None:
+    """Redis stopped (SIGSTOP): connections stay open and nothing is answered. The batcher's
+    client has no socket timeout, so only the batcher's own per-round-trip timeout ends
+    the wait; afterwards the stalled connection's late replies reach nobody."""
+    client = Redis.from_url(own_redis.url, decode_responses=True, socket_connect_timeout=1)
+    batcher = ScriptBatcher(client, timeout=0.3)
+    store = await started(own_redis.url)
+    pid = own_redis.pid
+    assert pid is not None
+    try:
+        script = client.register_script(ECHO)
+        assert await batcher.call(script, [], ["warm"]) == "warm"
+        await store.init(team_id(1), [(budget(1), 0)], NOW)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stalled = await asyncio.wait_for(
+                asyncio.gather(
+                    *(batcher.call(script, [], [f"stalled-{i}"]) for i in range(10)),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+            # The counter store's batcher is built the same way, with its own timeout.
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(
+                    store.reserve(team_id(1), [budget(1)], 1, "r", LATER, NOW, NEVER), 10
+                )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        assert all(isinstance(r, TimeoutError) for r in stalled), stalled
+        assert batcher.direct_calls + batcher.pipelines >= 2  # the call in flight, then the rest
+        # Redis runs the stalled calls once it resumes; their replies went to connections
+        # that were dropped, so each new call reads its own.
+        again = await asyncio.gather(*(batcher.call(script, [], [f"after-{i}"]) for i in range(10)))
+        assert again == [f"after-{i}" for i in range(10)]
+        reserved = await store.reserve(team_id(1), [budget(1)], 1, "r2", LATER, NOW, NEVER)
+        assert reserved.status is ReserveStatus.RESERVED
+    finally:
+        await batcher.aclose()
+        await client.aclose()
         await store.close()
 
 

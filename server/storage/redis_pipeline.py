@@ -10,6 +10,14 @@ calls to join it.
 
 Only for a single-node ``redis.asyncio.Redis``: a Redis Cluster pipeline is split by slot
 and node, so the batch would not be one round trip anyway.
+
+A stalled Redis is bounded per round trip (a call or a pipeline), by ``timeout``, rather than
+by redis-py's ``socket_timeout``, which arms a timer for every reply read and a ``wait_for``
+for every write: for a pipeline of ~5 calls, 5 timers where one does. A client without a
+socket timeout and one timeout per round trip made RecordSpend ~3 % faster (two runs of 10
+interleaved rounds: medians +2.0 % and +3.5 %), and bound the whole round trip rather than
+each read of it. A round trip cut off by the timeout is cancelled inside redis-py, which
+drops its connection, so no later caller reads the stalled call's late reply.
 """
 
 from __future__ import annotations
@@ -69,6 +77,11 @@ class ScriptBatcher:
     a pipeline of fewer than :data:`LINGER_CALLS` calls first waits ``linger`` seconds, so
     that it carries more (see :data:`DEFAULT_LINGER`).
 
+    ``timeout`` (seconds, None for none) bounds each round trip: one that is not answered in
+    time raises the builtin ``TimeoutError`` to each of its callers. Give the batcher a
+    client without ``socket_timeout`` (and with ``socket_connect_timeout``) so that this is
+    the only timer per round trip.
+
     ``pipelines``, ``pipelined_calls`` and ``direct_calls`` count what was sent, for tests
     and metrics.
     """
@@ -80,6 +93,7 @@ class ScriptBatcher:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         linger: float = DEFAULT_LINGER,
+        timeout: float | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError(
@@ -87,7 +101,10 @@ class ScriptBatcher:
             )
         if linger < 0:
             raise ValueError(f"linger must not be negative, got {linger}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout}")
         self._client = client
+        self._timeout = timeout
         self._linger = linger
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -103,13 +120,19 @@ class ScriptBatcher:
         self.pipelined_calls = 0
         self.direct_calls = 0
 
+    @property
+    def client(self) -> Redis:
+        """The client the batcher sends on (the caller's to close, after :meth:`aclose`)."""
+        return self._client
+
     async def call(
         self, script: AsyncScript, keys: Sequence[KeyT], args: Sequence[EncodableT]
     ) -> Any:
         """Run ``script`` with ``keys`` and ``args``; its reply, or the error it raised.
 
         Raises what ``script(keys=keys, args=args, client=client)`` would: redis-py's
-        connection and timeout errors, or the ResponseError of a failed script.
+        connection and timeout errors, or the ResponseError of a failed script; and
+        ``TimeoutError`` when the round trip that carried it ran out of ``timeout``.
         """
         if self._closed:
             raise RuntimeError("ScriptBatcher used after aclose()")
@@ -118,7 +141,8 @@ class ScriptBatcher:
             self._in_flight += 1
             self.direct_calls += 1
             try:
-                return await script(keys=keys, args=args, client=self._client)
+                async with asyncio.timeout(self._timeout):
+                    return await script(keys=keys, args=args, client=self._client)
             finally:
                 self._in_flight -= 1
                 self._schedule()
@@ -182,15 +206,18 @@ class ScriptBatcher:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            if len(batch) == 1:
-                # One call gains nothing from a pipeline; the plain path is cheaper.
-                self.direct_calls += 1
-                call = batch[0]
-                replies = [await call.script(keys=call.keys, args=call.args, client=self._client)]
-            else:
-                self.pipelines += 1
-                self.pipelined_calls += len(batch)
-                replies = await self._pipeline(batch)
+            async with asyncio.timeout(self._timeout):
+                if len(batch) == 1:
+                    # One call gains nothing from a pipeline; the plain path is cheaper.
+                    self.direct_calls += 1
+                    call = batch[0]
+                    replies = [
+                        await call.script(keys=call.keys, args=call.args, client=self._client)
+                    ]
+                else:
+                    self.pipelines += 1
+                    self.pipelined_calls += len(batch)
+                    replies = await self._pipeline(batch)
         except asyncio.CancelledError:
             for call in batch:
                 call.future.cancel()
