@@ -16,8 +16,9 @@ by redis-py's ``socket_timeout``, which arms a timer for every reply read and a 
 for every write: for a pipeline of ~5 calls, 5 timers where one does. A client without a
 socket timeout and one timeout per round trip made RecordSpend ~3 % faster (three runs of
 10 interleaved rounds: medians +2.0, +3.5 and +2.7 %), and bound the whole round trip
-rather than each read of it. A round trip cut off by the timeout is cancelled inside redis-py, which
-drops its connection, so no later caller reads the stalled call's late reply.
+rather than each read of it. A round trip cut off by the timeout is cancelled inside
+redis-py, which drops its connection, so no later caller reads the stalled call's late
+reply.
 """
 
 from __future__ import annotations
