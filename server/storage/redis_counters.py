@@ -212,23 +212,23 @@ class RedisCounters:
             # A bounded pool that waits for a free connection: a burst of decisions queues
             # briefly instead of opening thousands of connections (Redis refuses past
             # maxclients, and each connection costs both sides).
-            pool = BlockingConnectionPool.from_url(
-                self._url, max_connections=_MAX_CONNECTIONS, timeout=_SOCKET_TIMEOUT, **options
-            )
-            client = Redis.from_pool(pool)
+            def pool(**overrides: Any) -> BlockingConnectionPool:
+                return BlockingConnectionPool.from_url(
+                    self._url,
+                    max_connections=_MAX_CONNECTIONS,
+                    timeout=_SOCKET_TIMEOUT,
+                    **{**options, **overrides},
+                )
+
+            client = Redis.from_pool(pool())
             # Concurrent script calls go out as shared pipelines on a single node only (a
             # RedisCluster pipeline is split per slot and node, and concurrent calls for
             # different teams hash to different slots, so on a cluster each call keeps its
             # own EVALSHA). The batcher has connections of its own, without a socket
             # timeout: it bounds each round trip itself, with one timer where redis-py
             # would arm one per reply (see server/storage/redis_pipeline.py).
-            batch_pool = BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=_MAX_CONNECTIONS,
-                timeout=_SOCKET_TIMEOUT,
-                **{**options, "socket_timeout": None},
-            )
-            self._batcher = ScriptBatcher(Redis.from_pool(batch_pool), timeout=_SOCKET_TIMEOUT)
+            batch_client = Redis.from_pool(pool(socket_timeout=None))
+            self._batcher = ScriptBatcher(batch_client, timeout=_SOCKET_TIMEOUT)
         self._client = client
         # register_script only computes the SHA: the first EVALSHA that meets NOSCRIPT (a new
         # server, SCRIPT FLUSH, a restart) loads the script and retries.
