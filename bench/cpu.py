@@ -9,6 +9,12 @@ tree) at the start and the end of the measured window, and the machine's busy ti
 request for:
 
 * ``server``: the budgetd or floor process tree under load;
+* ``loop``: of that, the server's main thread alone: the thread that runs the asyncio event
+  loop, and with it every handler, while grpcio's own threads poll and write. Both servers
+  answer from one event loop, so this thread is the one that runs out first:
+  ``loop_busy_pct`` is its share of one core over the window (in per cent), and near 100
+  it caps the server's throughput whatever the machine's other core is doing (a server of
+  more than one process, ``--workers N``, has no such figure);
 * ``envoy``: the Envoy in front of it (the wrk path only);
 * ``postgres``, ``redis``: the bench's own Postgres (postmaster and backends) and Redis;
 * ``load``: the load generator (h2load, wrk or grpc_load): the bench's other descendants;
@@ -29,7 +35,10 @@ from pathlib import Path
 
 from bench.services import process_tree
 
-GROUPS = ("server", "envoy", "postgres", "redis", "load", "other", "total")
+GROUPS = ("server", "loop", "envoy", "postgres", "redis", "load", "other", "total")
+# What a measurement reports beyond its groups: the loop thread's share of one core (per cent).
+LOOP_BUSY = "loop_busy_pct"
+COLUMNS = (*GROUPS, LOOP_BUSY)
 
 
 def _ticks() -> int:
@@ -44,6 +53,15 @@ def process_seconds(pids: Iterable[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / _ticks()
+
+
+def thread_seconds(pid: int) -> float:
+    """CPU seconds (user + system) the main thread of process ``pid`` used so far (0 when
+    the process is gone): the thread whose id is the process id."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _ticks()
+    return 0.0
 
 
 def machine_busy_seconds() -> float:
@@ -77,6 +95,8 @@ class CpuMeter:
             tree = [pid for pid in process_tree(root) if pid not in seen]
             seen.update(tree)
             figures[name] = process_seconds(tree)
+            if name == "server" and tree == [root]:  # (--workers N: N loops, not measured)
+                figures["loop"] = thread_seconds(root)
         for root in self._idle:
             seen.update(process_tree(root))
         # Whatever else the bench started and is still running: the load generator.
@@ -96,16 +116,22 @@ class CpuMeter:
         return used, loop.time() - began
 
 
-def per_request(used: Mapping[str, float], requests: float) -> dict[str, float | None]:
-    """Microseconds of CPU per request for every group of :data:`GROUPS` (None: the
+def per_request(
+    used: Mapping[str, float], requests: float, seconds: float = 0.0
+) -> dict[str, float | None]:
+    """Microseconds of CPU per request for every group of :data:`GROUPS`, and the loop
+    thread's busy share of one core over the ``seconds`` of the window (None: the
     measurement had no such group, or answered nothing)."""
     if requests <= 0:
-        return dict.fromkeys(GROUPS)
+        return dict.fromkeys(COLUMNS)
     figures: dict[str, float | None] = {
         name: (used[name] / requests * 1e6 if name in used else None) for name in GROUPS
     }
-    known = sum(used[name] for name in used if name != "total")
+    # The loop thread is part of the server's figure, so it is not counted twice.
+    known = sum(used[name] for name in used if name not in ("total", "loop"))
     figures["other"] = max(0.0, used["total"] - known) / requests * 1e6
+    loop = used.get("loop")
+    figures[LOOP_BUSY] = loop / seconds * 100 if loop is not None and seconds > 0 else None
     return figures
 
 

@@ -244,7 +244,7 @@ class Bench:
             raise
         if window.done():
             used, length = window.result()
-            per_request = cpu.per_request(used, result.rps * length)
+            per_request = cpu.per_request(used, result.rps * length, length)
         else:  # the tool ended early (it failed): no window to report
             window.cancel()
             per_request = cpu.per_request({}, 0)
@@ -628,7 +628,7 @@ async def main_async(options: Options) -> int:
     document = build_report(b, rows, scalars, ratios, stamp, seconds)
     path = report.write(options.results_dir, stamp, document, rows)
     print(report.table(rows, scalars))
-    cpu_lines = report.cpu_table(report.cpu_medians(b.cpu), cpu.GROUPS)
+    cpu_lines = report.cpu_table(report.cpu_medians(b.cpu), cpu.COLUMNS)
     if cpu_lines:
         print(cpu_lines)
     for warning in b.warnings:

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import cpu, report  # noqa: E402
+from bench.services import process_tree  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.supported(), reason="needs Linux /proc")
 
@@ -59,6 +60,8 @@ async def test_window_charges_a_busy_server_to_its_group(
     assert 0.9 <= length < 2.0
     # The spinner runs flat out on one core; nothing else here is busy for long.
     assert used["server"] >= 0.5
+    # The spinner is one thread: its event-loop figure is all of it, on a core of its own.
+    assert used["loop"] == pytest.approx(used["server"], abs=0.05)
     assert "postgres" not in used  # a group without a process is not made up
     assert used["total"] >= used["server"] * 0.9
     assert used["load"] < 0.3  # this test process only sleeps
@@ -88,6 +91,35 @@ def test_per_request_splits_the_machine_and_keeps_other_non_negative() -> None:
     assert set(cpu.per_request(used, 0).values()) == {None}
 
 
+def test_the_loop_thread_is_part_of_the_server_and_its_busy_share_is_per_cent() -> None:
+    used = {"server": 0.5, "loop": 0.45, "load": 0.2, "total": 1.0}
+    figures = cpu.per_request(used, 1000, seconds=0.5)
+    assert figures["loop"] == pytest.approx(450)
+    assert figures["other"] == pytest.approx(300)  # the loop is not counted twice
+    assert figures[cpu.LOOP_BUSY] == pytest.approx(90)
+    assert cpu.per_request(used, 1000)[cpu.LOOP_BUSY] is None  # no window length given
+    assert cpu.per_request({"total": 1.0}, 1000, seconds=1.0)[cpu.LOOP_BUSY] is None
+
+
+def test_a_server_of_several_processes_has_no_loop_figure() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+         "time.sleep(30)"]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(process_tree(parent.pid)) == 2
+        assert "loop" not in cpu.CpuMeter({"server": parent.pid}).snapshot()
+    finally:
+        for pid in process_tree(parent.pid)[1:]:
+            os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
+
+
 def test_cpu_medians_and_table() -> None:
     rounds: dict[str, dict[str, list[dict[str, float | None]]]] = {
         "h2load_check": {
@@ -101,11 +133,11 @@ def test_cpu_medians_and_table() -> None:
     }
     medians = report.cpu_medians(rounds)
     assert medians["h2load_check"]["budgetd"] == {"envoy": None, "server": 120.0, "total": 320.0}
-    text = report.cpu_table(medians, cpu.GROUPS)
+    text = report.cpu_table(medians, cpu.COLUMNS)
     lines = text.splitlines()
-    assert lines[0].split() == ["CPU", "us", "per", "request", *cpu.GROUPS]
+    assert lines[0].split() == ["CPU", "us", "per", "request", *cpu.COLUMNS]
     floor_line = next(line for line in lines if line.startswith("CheckBudget h2load, floor"))
-    assert floor_line.split()[-7:] == ["90", "-", "-", "-", "-", "-", "250"]
+    assert floor_line.split()[-9:] == ["90", "-", "-", "-", "-", "-", "-", "250", "-"]
     assert report.cpu_table({}, cpu.GROUPS) == ""
 
 
