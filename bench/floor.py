@@ -3,8 +3,12 @@
 It serves ``budgetd.v1.BudgetAuthority`` (CheckBudget, RecordSpend) and Envoy's
 ``envoy.service.auth.v3.Authorization/Check`` with the same generated messages, the same
 ``grpc.aio`` server options (``server.app._SERVER_OPTIONS``) and the same event loop as
-budgetd. Each call has its request parsed by grpcio (as budgetd's are) and gets a prebuilt
-answer of the same message type with the fields a real allow fills in. Whatever budgetd
+budgetd, and puts the same services on its server the same way
+(:func:`server.registration.add_service`: the same methods registered with grpc, which
+matters because grpc.aio pays per call for each registered method; the other RPCs and
+Envoy's ext_proc answer UNIMPLEMENTED). Each call has its request parsed by grpcio (as
+budgetd's are) and gets a prebuilt answer of the same message type with the fields a real
+allow fills in. Whatever budgetd
 spends beyond this is the cost of its budget logic.
 
 Run as its own process: ``python -m bench.floor --port N`` (until SIGTERM / SIGINT).
@@ -25,15 +29,19 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as auth_pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 import bench
 from server.app import _SERVER_OPTIONS
 from server.envoy.wire import set_headers
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
+from server.registration import add_service
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -139,6 +147,34 @@ class FloorAuthorization(auth_grpc.AuthorizationServicer):  # type: ignore[misc]
         return ENVOY_ANSWER
 
 
+def add_services(server: grpc.aio.Server) -> HealthServicer:
+    """budgetd's services on ``server``, registered as budgetd registers them; the floor's
+    health servicer, to set SERVING once the server runs."""
+    # The generated stub marks every RPC abstract; the ones not overridden answer UNIMPLEMENTED.
+    authority = FloorAuthority()  # type: ignore[abstract]
+    add_service(
+        pb_grpc.add_BudgetAuthorityServicer_to_server, authority, server,
+        bytes_methods=("CheckBudget",),
+    )  # fmt: skip
+    add_service(
+        auth_grpc.add_AuthorizationServicer_to_server, FloorAuthorization(), server,
+        bytes_methods=("Check",),
+    )  # fmt: skip
+    processor = proc_grpc.ExternalProcessorServicer()  # (Process: UNIMPLEMENTED)
+    add_service(proc_grpc.add_ExternalProcessorServicer_to_server, processor, server)
+    health = HealthServicer()
+    add_service(health_pb2_grpc.add_HealthServicer_to_server, health, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["BudgetAuthority"].full_name,
+        auth_pb.DESCRIPTOR.services_by_name["Authorization"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflector = ReflectionServicer(names)
+    add_service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector, server)
+    return health
+
+
 async def serve(port: int) -> None:
     """Serve the floor on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -146,11 +182,7 @@ async def serve(port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    # The generated stub marks every RPC abstract; the ones not overridden answer UNIMPLEMENTED.
-    pb_grpc.add_BudgetAuthorityServicer_to_server(FloorAuthority(), server)  # type: ignore[abstract]
-    auth_grpc.add_AuthorizationServicer_to_server(FloorAuthorization(), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health = add_services(server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot bind 127.0.0.1:{port}")
     await server.start()

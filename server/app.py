@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from server import wire_bytes
 from server.admin import Admin
 from server.api import BudgetAuthorityService
 from server.authority import Authority
@@ -28,6 +28,7 @@ from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
 from server.metrics import Metrics, MetricsServer
 from server.principals import Principals
+from server.registration import add_service
 from server.reports import SpendReports
 from server.settings import Settings
 from server.spool import Spool
@@ -205,23 +206,7 @@ class BudgetdServer:
         if self._reuse_port:  # one of the workers of `budgetd serve --workers N`
             options = (("grpc.so_reuseport", 1), *options[1:])
         server = grpc.aio.server(options=options)
-        reports = SpendReports(self._stores.records, self._clock, settings.timezone)
-        service = BudgetAuthorityService(
-            self.authority, self.admin, settings.master_key, self.metrics, reports
-        )
-        wire_bytes.add_servicer(
-            budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server,
-            service,
-            server,
-            ("CheckBudget",),
-        )
-        self._envoy_spend = add_envoy_services(server, self.authority, settings, self.metrics)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, *ENVOY_SERVICES,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )  # fmt: skip
+        self._add_services(server, settings)
         try:
             self.port = server.add_insecure_port(settings.grpc_addr)
         except RuntimeError as exc:  # grpcio reports a taken port this way
@@ -246,6 +231,25 @@ class BudgetdServer:
             self._stores.description,
         )
         return self.port
+
+    def _add_services(self, server: grpc.aio.Server, settings: Settings) -> None:
+        """BudgetAuthority, Envoy's two services, health and reflection on ``server``; only
+        the decision path's methods are registered with grpc (server.registration)."""
+        assert self.authority is not None and self.admin is not None
+        reports = SpendReports(self._stores.records, self._clock, settings.timezone)
+        service = BudgetAuthorityService(
+            self.authority, self.admin, settings.master_key, self.metrics, reports
+        )
+        add_service(
+            budgetd_pb2_grpc.add_BudgetAuthorityServicer_to_server, service, server,
+            bytes_methods=("CheckBudget",),
+        )  # fmt: skip
+        self._envoy_spend = add_envoy_services(server, self.authority, settings, self.metrics)
+        add_service(health_pb2_grpc.add_HealthServicer_to_server, self._health, server)
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        names = (SERVICE_NAME, *ENVOY_SERVICES, health, reflection.SERVICE_NAME)
+        reflector = ReflectionServicer(names)
+        add_service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector, server)
 
     async def _open_stores(self) -> bytes:
         """Start the record and counter stores (each migrates and connects) side by side, so

@@ -11,16 +11,15 @@ template, see ``WireDecisions`` and ``AllowAnswers``).
 
 The encoders below write the protobuf wire format for the few shapes those suffixes need
 (length-delimited fields and doubles); the tests parse what they write with protobuf.
-:func:`add_servicer` registers a generated servicer so that a handler may return such bytes.
+:func:`serialized` is the response serialiser of a method whose handler may return such
+bytes (:func:`server.registration.add_service` installs it).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
-
-import grpc
 
 _LENGTH_DELIMITED = 2
 _FIXED64 = 1
@@ -100,42 +99,3 @@ def serialized(response: Any) -> bytes:
         return response
     serialize: Callable[[], bytes] = response.SerializeToString
     return serialize()
-
-
-class _Recorder:
-    """Stands in for a server while a generated ``add_*Servicer_to_server`` runs."""
-
-    def __init__(self) -> None:
-        self.services: list[tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]] = []
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
-        pass  # the same table reaches add_registered_method_handlers
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        self.services.append((service, handlers))
-
-
-def add_servicer(
-    add: Callable[[Any, Any], None],
-    servicer: Any,
-    server: grpc.aio.Server,
-    methods: Collection[str],
-) -> None:
-    """``add(servicer, server)`` (a generated ``add_*Servicer_to_server``), except that the
-    unary ``methods`` send bytes their handler returns as they are."""
-    recorder = _Recorder()
-    add(servicer, recorder)
-    for service, handlers in recorder.services:
-        table = dict(handlers)
-        for name in methods:
-            handler = table[name]
-            assert handler.unary_unary is not None, f"{service}/{name} is not unary"
-            table[name] = grpc.unary_unary_rpc_method_handler(
-                handler.unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=serialized,
-            )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, table),))
-        server.add_registered_method_handlers(service, table)

@@ -3,10 +3,6 @@ and a template's bytes followed by them parse to the template with those fields 
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 from hypothesis import given
@@ -14,8 +10,7 @@ from hypothesis import strategies as st
 
 from server.envoy.wire import SetHeaderBytes, StructEntryBytes, set_headers
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
-from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
-from server.wire_bytes import Field, add_servicer, serialized, varint
+from server.wire_bytes import Field, serialized, varint
 
 RESERVATION_ID = Field.of(pb.CheckBudgetResponse, "reservation_id")
 RESERVED = Field.of(pb.CheckBudgetResponse, "reserved")
@@ -70,35 +65,3 @@ def test_struct_entries_set_their_key(text: str, number: float) -> None:
 def test_serialized_sends_bytes_as_they_are() -> None:
     assert serialized(b"\x08\x01") == b"\x08\x01"
     assert serialized(pb.CheckBudgetResponse(allowed=True)) == b"\x08\x01"
-
-
-class Answers(pb_grpc.BudgetAuthorityServicer):
-    async def CheckBudget(  # type: ignore[override]
-        self, request: pb.CheckBudgetRequest, context: Any
-    ) -> bytes:
-        return pb.CheckBudgetResponse(allowed=True, team_id=request.api_key).SerializeToString()
-
-    async def RecordSpend(
-        self, request: pb.RecordSpendRequest, context: Any
-    ) -> pb.RecordSpendResponse:
-        return pb.RecordSpendResponse(cost=1.5)
-
-
-async def test_add_servicer_sends_a_handlers_bytes_and_messages_alike() -> None:
-    server = grpc.aio.server()
-    answers = Answers()  # type: ignore[abstract]  # the other RPCs: UNIMPLEMENTED
-    add_servicer(pb_grpc.add_BudgetAuthorityServicer_to_server, answers, server, ("CheckBudget",))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.BudgetAuthorityStub(channel)
-            answer = await stub.CheckBudget(pb.CheckBudgetRequest(api_key="k"))
-            assert answer.allowed and answer.team_id == "k"
-            # The other methods keep their generated serialisers.
-            assert (await stub.RecordSpend(pb.RecordSpendRequest())).cost == 1.5
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.GetTeam(pb.GetTeamRequest())
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        await server.stop(None)

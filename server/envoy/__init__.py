@@ -13,8 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from server.authority import Authority
 from server.envoy import authz, ext_proc
 from server.metrics import Metrics
+from server.registration import add_service
 from server.settings import Settings
-from server.wire_bytes import add_servicer
 
 SERVICE_NAMES = (authz.SERVICE_NAME, ext_proc.SERVICE_NAME)
 
@@ -29,7 +29,10 @@ def add_envoy_services(
     """
     # A hot allow is answered as serialised bytes (server.wire_bytes).
     authorization = authz.EnvoyAuthorization(authority, settings, metrics)
-    add_servicer(auth_grpc.add_AuthorizationServicer_to_server, authorization, server, ("Check",))
+    add_service(
+        auth_grpc.add_AuthorizationServicer_to_server, authorization, server,
+        bytes_methods=("Check",),
+    )  # fmt: skip
     spend = ext_proc.EnvoySpend(authority, settings, metrics)
-    proc_grpc.add_ExternalProcessorServicer_to_server(spend, server)
+    add_service(proc_grpc.add_ExternalProcessorServicer_to_server, spend, server)
     return spend
