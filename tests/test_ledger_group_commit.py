@@ -259,3 +259,78 @@ async def test_a_saturated_pool_is_unavailable_after_the_timeout_and_then_recove
         assert (await store.insert_spend(spend("after"))).inserted
     finally:
         await store.close()
+
+
+async def backend_pids(conn: asyncpg.Connection[asyncpg.Record]) -> set[int]:
+    """The Postgres backends that have run a ledger insert (other than this connection)."""
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO spend_ledger%'"
+        " AND pid <> pg_backend_pid()"
+    )
+    return {row["pid"] for row in rows}
+
+
+async def test_flushes_keep_their_connection_and_leave_the_pool_one_for_the_rest(
+    records: PostgresRecords, conn: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    for i in range(5):  # one flush after another: the same kept connection each time
+        assert (await records.insert_spend(spend(f"k{i}"))).inserted
+    assert len(await backend_pids(conn)) == 1
+    assert len(records._kept) == 1
+    # Two flushes in flight keep two; never more than the batcher runs at once.
+    await asyncio.gather(*(records.insert_spend(spend(f"m{i}")) for i in range(40)))
+    assert 1 <= len(records._kept) <= 2
+    assert await records.get_team("team-1") is None  # the pool still serves the rest
+
+
+def closed(proxy: Any) -> bool:
+    """True once asyncpg knows a pooled connection is closed (it detaches the proxy then)."""
+    try:
+        return bool(proxy.is_closed())
+    except asyncpg.InterfaceError:
+        return True
+
+
+async def test_a_kept_connection_that_postgres_ended_is_replaced(
+    records: PostgresRecords, conn: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    assert (await records.insert_spend(spend("before"))).inserted
+    (pid,) = await backend_pids(conn)
+    assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+    for _ in range(100):  # until asyncpg has seen its socket close
+        if closed(records._kept[0]):
+            break
+        await asyncio.sleep(0.02)
+    assert (await records.insert_spend(spend("after"))).inserted
+    assert sorted(await ledger(conn)) == ["after", "before"]
+    assert (await backend_pids(conn)) - {pid}
+
+
+async def test_a_failed_flush_returns_its_connection_and_close_returns_the_kept_ones(
+    database_url: str, conn: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    store = PostgresRecords(database_url, command_timeout=0.5)
+    await store.start()
+    try:
+        async with conn.transaction():  # the flush times out
+            await conn.execute("LOCK TABLE spend_ledger IN SHARE MODE")
+            with pytest.raises(RecordsUnavailable):
+                await store.insert_spend(spend("f0"))
+        assert store._kept == []  # back to the pool, which resets or replaces it
+        assert (await store.insert_spend(spend("f1"))).inserted
+        assert len(store._kept) == 1
+    finally:
+        # A kept connection is the pool's again: close() does not wait out its timeout.
+        async with asyncio.timeout(5):
+            await store.close()
+    assert store._kept == []
+
+
+async def test_a_pool_of_two_keeps_no_connection(database_url: str) -> None:
+    store = PostgresRecords(database_url, max_size=2)
+    await store.start()
+    try:
+        await asyncio.gather(*(store.insert_spend(spend(f"s{i}")) for i in range(10)))
+        assert store._kept == []
+    finally:
+        await store.close()
