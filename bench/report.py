@@ -39,6 +39,9 @@ class Row:
     key: str = ""
     """The JSON key of the ratio ("" for rows without one)."""
     plot: bool = True
+    rounds: tuple[float | None, ...] = ()
+    """The same ratio round by round (subject and reference of the same round), which shows
+    how far the rounds spread: the row's ratio is of the combined rounds."""
 
 
 @dataclass
@@ -58,6 +61,13 @@ def ratio(numerator: float, denominator: float) -> float | None:
     if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
         return None
     return numerator / denominator
+
+
+def paired_ratios(
+    subjects: Sequence[float], references: Sequence[float]
+) -> tuple[float | None, ...]:
+    """Round by round, the subject's figure over the reference's from the same round."""
+    return tuple(ratio(s, r) for s, r in zip(subjects, references, strict=False))
 
 
 def at_least(value: float | None, bound: float) -> bool | None:
@@ -214,6 +224,8 @@ def _grid(header: tuple[str, ...], lines: Sequence[tuple[str, ...]]) -> list[str
 
 def _notes(row: Row) -> list[str]:
     notes: list[str] = []
+    if len(row.rounds) > 1:
+        notes.append("per round " + ", ".join(_fmt(value, ".2f") for value in row.rounds))
     for who, result in (("budgetd", row.subject), ("reference", row.floor)):
         if result is not None and (result.failed or result.notes):
             detail = ", ".join(result.notes) or "see JSON"

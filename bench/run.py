@@ -493,32 +493,45 @@ def build_rows(b: Bench) -> tuple[list[Row], list[Scalar], dict[str, Any]]:
         "check_vs_floor_throughput_grpc_load": ratio(g_check.rps, g_check_floor.rps),
         "record_vs_floor_throughput": ratio(record.rps, record_floor.rps),
     }
+
+    def rounds(subject: tuple[str, str], reference: tuple[str, str], field: str = "rps") -> Any:
+        figures = [
+            [getattr(r, field) for r in b.raw[name][who]] for name, who in (subject, reference)
+        ]
+        return report.paired_ratios(*figures)
+
     rows = [
         Row("CheckBudget (h2load)", check, check_floor, ratios["check_vs_floor_throughput"],
             f">= {CHECK_THROUGHPUT:.2f}x floor req/s",
             at_least(ratios["check_vs_floor_throughput"], CHECK_THROUGHPUT),
-            "check_vs_floor_throughput"),
+            "check_vs_floor_throughput",
+            rounds=rounds(("h2load_check", "budgetd"), ("h2load_check", "floor"))),
         Row("CheckBudget p99 (h2load)", check, check_floor, ratios["check_vs_floor_p99"],
             f"<= {CHECK_P99:.2f}x floor p99", at_most(ratios["check_vs_floor_p99"], CHECK_P99),
-            "check_vs_floor_p99", plot=False),
+            "check_vs_floor_p99", plot=False,
+            rounds=rounds(("h2load_check", "budgetd"), ("h2load_check", "floor"), "p99_ms")),
         Row("Envoy ext_authz (wrk)", envoy, envoy_floor, ratios["envoy_vs_floor_throughput"],
             f">= {ENVOY_THROUGHPUT:.2f}x floor req/s",
             at_least(ratios["envoy_vs_floor_throughput"], ENVOY_THROUGHPUT),
-            "envoy_vs_floor_throughput"),
+            "envoy_vs_floor_throughput",
+            rounds=rounds(("wrk_envoy", "budgetd"), ("wrk_envoy", "floor"))),
         Row("CheckBudget (grpc_load)", g_check, g_check_floor,
             ratios["check_vs_floor_throughput_grpc_load"], "(for reference)", None,
-            "check_vs_floor_throughput_grpc_load"),
+            "check_vs_floor_throughput_grpc_load",
+            rounds=rounds(("grpc_load_check", "budgetd"), ("grpc_load_check", "floor"))),
         Row("RecordSpend (grpc_load) / check", record, record_floor,
             ratios["record_vs_check_throughput"], f">= {RECORD_VS_CHECK:.2f}x CheckBudget",
             at_least(ratios["record_vs_check_throughput"], RECORD_VS_CHECK),
-            "record_vs_check_throughput"),
+            "record_vs_check_throughput",
+            rounds=rounds(("grpc_load_record", "budgetd"), ("grpc_load_check", "budgetd"))),
     ]  # fmt: skip
     if b.extra.get("workers_available"):
         w1, w2 = (b.result("h2load_workers", f"workers_{n}") for n in (1, 2))
         ratios["workers_2_vs_1_throughput"] = ratio(w2.rps, w1.rps)
         rows.append(
             Row("CheckBudget --workers 2 (ref: 1)", w2, w1, ratios["workers_2_vs_1_throughput"],
-                "(reported)", None, "workers_2_vs_1_throughput", plot=False)
+                "(reported)", None, "workers_2_vs_1_throughput", plot=False,
+                rounds=rounds(("h2load_workers", "workers_2"), ("h2load_workers", "workers_1")))
         )  # fmt: skip
     else:
         ratios["workers_2_vs_1_throughput"] = None
@@ -549,7 +562,12 @@ def build_report(
     """The JSON document of the run."""
     memory = b.extra["memory"]
     targets = {
-        row.key: {"value": row.ratio, "target": row.target, "pass": row.passed}
+        row.key: {
+            "value": row.ratio,
+            "target": row.target,
+            "pass": row.passed,
+            "per_round": list(row.rounds),
+        }
         for row in rows
         if row.key and row.passed is not None
     }
