@@ -8,8 +8,7 @@ budgetd, and puts the same services on its server the same way
 matters because grpc.aio pays per call for each registered method; the other RPCs and
 Envoy's ext_proc answer UNIMPLEMENTED). Each call has its request parsed by grpcio (as
 budgetd's are) and gets a prebuilt answer of the same message type with the fields a real
-allow fills in. Whatever budgetd
-spends beyond this is the cost of its budget logic.
+allow fills in. Whatever budgetd spends beyond this is the cost of its budget logic.
 
 Run as its own process: ``python -m bench.floor --port N`` (until SIGTERM / SIGINT).
 """
@@ -31,17 +30,15 @@ from envoy.service.auth.v3 import external_auth_pb2 as auth_pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as proc_grpc
 from google.protobuf import struct_pb2, timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 import bench
 from server.app import _SERVER_OPTIONS
 from server.envoy.wire import set_headers
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 from server.gen.budgetd.v1 import budgetd_pb2_grpc as pb_grpc
-from server.registration import add_service
+from server.registration import add_health_and_reflection, add_service
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -163,15 +160,11 @@ def add_services(server: grpc.aio.Server) -> HealthServicer:
     processor = proc_grpc.ExternalProcessorServicer()  # (Process: UNIMPLEMENTED)
     add_service(proc_grpc.add_ExternalProcessorServicer_to_server, processor, server)
     health = HealthServicer()
-    add_service(health_pb2_grpc.add_HealthServicer_to_server, health, server)
     names = (
         pb.DESCRIPTOR.services_by_name["BudgetAuthority"].full_name,
         auth_pb.DESCRIPTOR.services_by_name["Authorization"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
     )
-    reflector = ReflectionServicer(names)
-    add_service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector, server)
+    add_health_and_reflection(server, health, names)
     return health
 
 

@@ -10,10 +10,8 @@ from datetime import tzinfo
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from server.admin import Admin
 from server.api import BudgetAuthorityService
@@ -28,7 +26,7 @@ from server.gen.budgetd.v1 import budgetd_pb2_grpc
 from server.identity import ReservationCodec
 from server.metrics import Metrics, MetricsServer
 from server.principals import Principals
-from server.registration import add_service
+from server.registration import add_health_and_reflection, add_service
 from server.reports import SpendReports
 from server.settings import Settings
 from server.spool import Spool
@@ -245,11 +243,7 @@ class BudgetdServer:
             bytes_methods=("CheckBudget",),
         )  # fmt: skip
         self._envoy_spend = add_envoy_services(server, self.authority, settings, self.metrics)
-        add_service(health_pb2_grpc.add_HealthServicer_to_server, self._health, server)
-        health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        names = (SERVICE_NAME, *ENVOY_SERVICES, health, reflection.SERVICE_NAME)
-        reflector = ReflectionServicer(names)
-        add_service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector, server)
+        add_health_and_reflection(server, self._health, (SERVICE_NAME, *ENVOY_SERVICES))
 
     async def _open_stores(self) -> bytes:
         """Start the record and counter stores (each migrates and connects) side by side, so

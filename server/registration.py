@@ -19,6 +19,10 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from server.wire_bytes import serialized
 
@@ -85,3 +89,14 @@ def add_service(
         ahead = {name: h for name, h in table.items() if f"/{service}/{name}" in registered}
         if ahead:
             server.add_registered_method_handlers(service, ahead)
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, health: HealthServicer, services: Sequence[str]
+) -> None:
+    """grpc.health.v1 (``health``) and server reflection on ``server``; reflection lists
+    ``services`` (full names), health and itself."""
+    add_service(health_pb2_grpc.add_HealthServicer_to_server, health, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflector = ReflectionServicer((*services, health_name, reflection.SERVICE_NAME))
+    add_service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector, server)
