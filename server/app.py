@@ -31,6 +31,7 @@ from server.reports import SpendReports
 from server.settings import Settings
 from server.spool import Spool
 from server.storage.base import CounterStore, RecordStore
+from server.storage.batching import Batching
 from server.storage.cached_records import CachedRecords
 from server.storage.failover_counters import FailoverCounters
 from server.storage.leasing import LeasingCounters
@@ -199,6 +200,7 @@ class BudgetdServer:
             if isinstance(counters, FailoverCounters)
             else None,
         )
+        self._watch_batching()
         self.admin = Admin(self._stores.records, self._stores.counters, self._clock, tz=tz)
         options = _SERVER_OPTIONS
         if self._reuse_port:  # one of the workers of `budgetd serve --workers N`
@@ -229,6 +231,22 @@ class BudgetdServer:
             self._stores.description,
         )
         return self.port
+
+    def _watch_batching(self) -> None:
+        """Point the batching metrics at the stores that batch: the ledger's group commits
+        (Postgres) and the Redis script pipelines, under the stores wrapped around them."""
+        records = self._stores.records
+        if isinstance(records, CachedRecords):
+            records = records.inner
+        counters = self._stores.counters
+        if isinstance(counters, LeasingCounters):
+            counters = counters.inner
+        if isinstance(counters, FailoverCounters):
+            counters = counters.redis
+        self.metrics.watch_batching(
+            ledger=records if isinstance(records, Batching) else None,
+            redis=counters if isinstance(counters, Batching) else None,
+        )
 
     def _add_services(self, server: grpc.aio.Server, settings: Settings) -> None:
         """BudgetAuthority, Envoy's two services, health and reflection on ``server``; only

@@ -10,16 +10,19 @@ run by :meth:`Metrics.before_scrape`; everything else here is counted as it happ
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from server.authority import Decision, SpendResult
 from server.budget_metrics import SpendTotals, backend_of
 from server.errors import BudgetdError, Unavailable
 from server.loop_metrics import LoopCounter, LoopHistogram
+from server.storage.batching import Batching
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -85,6 +88,8 @@ class Metrics:
         # budgetd_spend_usd_total{team_id}: summed in exact nano-USD, exposed as USD.
         self.spend_totals = SpendTotals()
         self.registry.register(self.spend_totals)
+        self.batching = BatchingCollector()
+        self.registry.register(self.batching)
         self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def decision(self, decision: Decision) -> None:
@@ -127,6 +132,11 @@ class Metrics:
         if on_postgres is not None:
             self.counters_on_postgres.set_function(lambda: float(on_postgres()))
 
+    def watch_batching(self, ledger: Batching | None, redis: Batching | None) -> None:
+        """Read the ledger's group commits and the Redis script pipelines at each scrape."""
+        self.batching.ledger = ledger
+        self.batching.redis = redis
+
     def on_scrape(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` before each scrape (to read values that live in shared state)."""
         self._scrape_hooks.append(hook)
@@ -137,6 +147,47 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BatchingCollector(Collector):
+    """How well concurrent calls share round trips, read from the stores at scrape time.
+
+    Every RecordSpend writes one ledger row and makes two Redis script calls; under load
+    those go out together (``server.storage.batching``, ``server.storage.redis_pipeline``).
+    Rows per group commit and calls per Redis round trip are the ratios of these counters,
+    so an operator can see whether grouping works without any cost on the request path:
+    the batchers keep plain integers, and they are read only here.
+    """
+
+    def __init__(self) -> None:
+        self.ledger: Batching | None = None
+        self.redis: Batching | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        families = (
+            (
+                self.ledger,
+                "budgetd_ledger_group_commits",
+                "Ledger flushes: each writes the rows of the RecordSpends waiting for it in "
+                "one statement and one commit",
+                "budgetd_ledger_group_commit_rows",
+                "Ledger rows written by those flushes (rows / flushes: the mean group)",
+            ),
+            (
+                self.redis,
+                "budgetd_redis_script_round_trips",
+                "Round trips of budgetd's Redis scripts: pipelines of concurrent calls, and "
+                "calls sent alone",
+                "budgetd_redis_script_calls",
+                "Redis script calls those round trips carried (calls / round trips: the mean "
+                "pipeline)",
+            ),
+        )
+        for store, trips_name, trips_doc, calls_name, calls_doc in families:
+            counts = store.batch_counts() if store is not None else None
+            if counts is not None:
+                yield CounterMetricFamily(trips_name, trips_doc, value=counts.round_trips)
+                yield CounterMetricFamily(calls_name, calls_doc, value=counts.calls)
 
 
 class MetricsServer:

@@ -3,6 +3,7 @@ after every settle, after a reset and on a replica that did not handle the spend
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from pathlib import Path
@@ -248,3 +249,43 @@ async def test_soft_budget_crossings_are_counted_and_answered(
         assert answer.allowed and answer.soft_budget_exceeded
         got = await scrape(running)
     assert got.value("budgetd_soft_budget_exceeded_total", team_id=team.team_id) == 1
+
+
+async def test_group_commits_and_redis_pipelines_are_counted(
+    backend: tuple[str, Settings],
+) -> None:
+    """Concurrent RecordSpends share ledger commits and Redis round trips, and the counters
+    say how many rows and calls each carried (read from the batchers at scrape time)."""
+    name, settings = backend
+    budget = pb.CreateTeamRequest(team_alias="grouped", max_budget=100.0, budget_duration="1d")
+    spends = 40
+    async with running_server(name, settings, clock=FakeClock(SEED_INSTANT)) as running:
+        _, key = await seed_team_and_key(running, budget)
+        before = await scrape(running)
+        await asyncio.gather(
+            *(
+                running.stub.RecordSpend(
+                    pb.RecordSpendRequest(request_id=f"grouped-{i}", api_key=key.key, cost=0.01)
+                )
+                for i in range(spends)
+            )
+        )
+        after = await scrape(running)
+
+    names = (
+        "budgetd_ledger_group_commits_total",
+        "budgetd_ledger_group_commit_rows_total",
+        "budgetd_redis_script_round_trips_total",
+        "budgetd_redis_script_calls_total",
+    )
+    if name == "embedded":  # SQLite and in-process counters: nothing is batched
+        assert not any(after.named(each) for each in names)
+        return
+    grew = {each: after.value(each) - before.value(each) for each in names}
+    assert grew["budgetd_ledger_group_commit_rows_total"] == spends  # one row per spend
+    assert 1 <= grew["budgetd_ledger_group_commits_total"] < spends  # and rows shared commits
+    # Each spend announces its settle and settles: two script calls at least (the first
+    # one's counter rebuild adds a few), which shared round trips.
+    calls = grew["budgetd_redis_script_calls_total"]
+    assert calls >= 2 * spends
+    assert 1 <= grew["budgetd_redis_script_round_trips_total"] < calls

@@ -18,7 +18,26 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeAlias, TypeVar, runtime_checkable
+
+
+class BatchCounts(NamedTuple):
+    """What a batching path has sent so far: its round trips to the store, and the calls
+    they carried (calls / round trips is its mean batch)."""
+
+    round_trips: int
+    calls: int
+
+
+@runtime_checkable
+class Batching(Protocol):
+    """A store that batches concurrent calls and can say how well (the batching metrics)."""
+
+    def batch_counts(self) -> BatchCounts | None:
+        """Its counts so far, or None while it has no batching path (not started, a
+        Redis Cluster)."""
+        ...
+
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -62,6 +81,10 @@ class Batcher(Generic[_Item, _Result]):
         self.flushes = 0
         self.flushed_items = 0
         self.largest_batch = 0
+
+    def counts(self) -> BatchCounts:
+        """Flushes so far, and the items they carried."""
+        return BatchCounts(self.flushes, self.flushed_items)
 
     @property
     def idle(self) -> bool:

@@ -36,7 +36,7 @@ from server.storage.base import (
     SpendSum,
     TeamRecord,
 )
-from server.storage.batching import Batcher
+from server.storage.batching import BatchCounts, Batcher
 from server.storage.postgres_driver import (
     UNAVAILABLE_ERRORS,
     driver_errors,
@@ -176,6 +176,10 @@ class PostgresRecords:
     def ledger_batcher(self) -> Batcher[LedgerEntry, LedgerInsert]:
         """The group commit behind :meth:`insert_spend` (its counters: tests and metrics)."""
         return self._ledger
+
+    def batch_counts(self) -> BatchCounts:
+        """The ledger's group commits (:class:`server.storage.batching.Batching`)."""
+        return self._ledger.counts()
 
     async def start(self) -> None:
         """Apply pending migrations, then open the pool."""

@@ -47,6 +47,7 @@ from server.storage.base import (
     ScopeBudget,
     SettleResult,
 )
+from server.storage.batching import BatchCounts
 from server.storage.memory_counters import (
     MAX_PARTIAL_RELEASE,
     PURGE_LIMIT,
@@ -188,6 +189,10 @@ class RedisCounters:
         """What batches script calls into pipelines (its counts are for tests and metrics);
         None on a cluster or before :meth:`start`."""
         return self._batcher
+
+    def batch_counts(self) -> BatchCounts | None:
+        """The script pipelines' counts (:class:`server.storage.batching.Batching`)."""
+        return None if self._batcher is None else self._batcher.counts()
 
     async def start(self) -> None:
         """Connect and register the scripts; raises Unavailable when Redis cannot be reached.

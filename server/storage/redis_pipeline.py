@@ -34,6 +34,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, KeyT
 
+from server.storage.batching import BatchCounts
+
 # Enough to fill a pipeline under load; a bounded batch keeps one slow reply buffer small
 # and one pipeline's replies well inside the socket timeout.
 DEFAULT_MAX_BATCH = 128
@@ -120,6 +122,12 @@ class ScriptBatcher:
         self.pipelines = 0
         self.pipelined_calls = 0
         self.direct_calls = 0
+
+    def counts(self) -> BatchCounts:
+        """Round trips so far (pipelines, and calls sent alone), and the calls they carried."""
+        return BatchCounts(
+            self.pipelines + self.direct_calls, self.pipelined_calls + self.direct_calls
+        )
 
     @property
     def client(self) -> Redis:
