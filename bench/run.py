@@ -310,7 +310,13 @@ class Bench:
             self.say(f"round {round_no}/{self.o.rounds}: CheckBudget and RecordSpend, grpc_load")
             for rpc in ("check", "record"):
                 for who, server in _order(pairs, round_no):
+                    # budgetd's RecordSpends: how many rows and calls its round trips carried.
+                    metrics = server.metrics_port if isinstance(server, BudgetdProcess) else 0
+                    before = await scrape(metrics) if rpc == "record" and metrics else None
                     await self.grpc_load(rpc, who, server.target, keys_file, server.pid)
+                    if before is not None:
+                        counted = batching(before, await scrape(metrics))
+                        self.extra.setdefault("batching", []).append(counted)
         self.say("starting two Envoys (ext_authz -> floor, ext_authz -> budgetd)")
         envoys = {}
         for who, server in pairs:
@@ -456,16 +462,63 @@ def _order(pairs: tuple[tuple[T, U], ...], round_no: int) -> tuple[tuple[T, U], 
     return pairs if round_no % 2 else pairs[::-1]
 
 
+# budgetd's batching counters (server.metrics.BatchingCollector), unlabelled.
+BATCHING_COUNTERS = (
+    "budgetd_ledger_group_commits_total ",
+    "budgetd_ledger_group_commit_rows_total ",
+    "budgetd_redis_script_round_trips_total ",
+    "budgetd_redis_script_calls_total ",
+)
+
+
+def batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """What the ledger's group commits and the Redis pipelines carried between two scrapes:
+    the counts, rows per commit and script calls per round trip (None where nothing went)."""
+    grew = {
+        name.strip().removeprefix("budgetd_").removesuffix("_total"): after.get(name.strip(), 0.0)
+        - before.get(name.strip(), 0.0)
+        for name in BATCHING_COUNTERS
+    }
+    commits, rows = grew["ledger_group_commits"], grew["ledger_group_commit_rows"]
+    trips, calls = grew["redis_script_round_trips"], grew["redis_script_calls"]
+    return {
+        **grew,
+        "rows_per_commit": rows / commits if commits else None,
+        "calls_per_round_trip": calls / trips if trips else None,
+    }
+
+
+def batching_summary(rounds: list[dict[str, float | None]]) -> dict[str, Any]:
+    """The rounds' batching figures (:func:`batching`): medians of the two ratios, and each
+    round."""
+
+    def median(key: str) -> float | None:
+        values = [value for each in rounds if (value := each[key]) is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "rows_per_commit": median("rows_per_commit"),
+        "calls_per_round_trip": median("calls_per_round_trip"),
+        "per_round": rounds,
+    }
+
+
 async def scrape(port: int) -> dict[str, float]:
-    """budgetd's decision, spend and backend-error counters from its /metrics."""
+    """budgetd's decision, spend, backend-error and batching counters from its /metrics."""
     url = f"http://{HOST}:{port}/metrics"
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
         session.get(url) as response,
     ):
         text = await response.text()
+    return counters_of(text)
+
+
+def counters_of(exposition: str) -> dict[str, float]:
+    """The counters :func:`scrape` reads, from a /metrics text: decisions by outcome, spends
+    by result, backend errors, and the batching counters by name."""
     totals: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in exposition.splitlines():
         if line.startswith("budgetd_decisions_total{"):
             outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
             totals[outcome] = totals.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -476,6 +529,9 @@ async def scrape(port: int) -> dict[str, float]:
             totals["backend_errors"] = totals.get("backend_errors", 0.0) + float(
                 line.rsplit(" ", 1)[1]
             )
+        elif line.startswith(BATCHING_COUNTERS):
+            name, value = line.split(" ", 1)
+            totals[name] = float(value)
     return totals
 
 
@@ -601,6 +657,9 @@ def build_report(
                     # request per process group, the median over rounds, then each round.
                     "cpu_us_per_request": report.cpu_medians(b.cpu),
                     "cpu_rounds": b.cpu,
+                    # Under budgetd's RecordSpend load: ledger rows per group commit and
+                    # Redis script calls per round trip, the median over rounds, then each.
+                    "batching": batching_summary(b.extra.get("batching", [])),
                     "verification": b.extra.get("verification"),
                     "warnings": b.warnings,
                     "config": {
@@ -649,6 +708,13 @@ async def main_async(options: Options) -> int:
     cpu_lines = report.cpu_table(report.cpu_medians(b.cpu), cpu.COLUMNS)
     if cpu_lines:
         print(cpu_lines)
+    grouped = document["batching"]
+    if grouped["rows_per_commit"] is not None:
+        print(
+            f"RecordSpend load, budgetd: {grouped['rows_per_commit']:.1f} ledger rows per group"
+            f" commit, {grouped['calls_per_round_trip'] or 0:.1f} Redis script calls per round"
+            " trip (medians of the rounds)"
+        )
     for warning in b.warnings:
         print(f"warning: {warning}")
     met = "every target met" if document["all_targets_met"] else "some targets missed"
