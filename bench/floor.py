@@ -50,6 +50,7 @@ RESERVATION_ID = (
     "r3.ZGUzNWIyOWUtNmNhOC00ZjQ3LWI4MDQtMmI3OWQwN2FhOTlhH2tleV85ZjNhNTVlNG"
     "NiZjk2YmFiMWY3MGU2NzYf.1718318916000.aafe21a957410.0.9B-9b0g0_JBttfMy"
 )
+KEY_ALIAS = "bench"  # the bench's key has this alias, so budgetd's allow carries it too
 MAX_BUDGET = 1_000_000.0
 SPEND = 0.25
 
@@ -80,20 +81,21 @@ CHECK_ANSWER = pb.CheckBudgetResponse(
     reservation_id=RESERVATION_ID,
     scope=pb.SCOPE_TEAM,
     reserved=1e-9,
-    model="llama3",
+    key_alias=KEY_ALIAS,
 )
 RECORD_ANSWER = pb.RecordSpendResponse(team_spend=SPEND, key_spend=SPEND, cost=1e-9)
 
 
 def _envoy_answer() -> Any:
-    """An ext_authz allow as budgetd builds one: x-budget-* headers, the key header removed,
-    the decision's facts as dynamic metadata."""
+    """An ext_authz allow as budgetd builds one for the bench's key: x-budget-* headers (its
+    alias among them), the key header removed, the decision's facts as dynamic metadata."""
     metadata = struct_pb2.Struct()
     metadata.update(
         {
             "allowed": True,
             "team_id": TEAM_ID,
             "key_id": KEY_ID,
+            "key_alias": KEY_ALIAS,
             "remaining_usd": MAX_BUDGET - SPEND,
             "reservation_id": RESERVATION_ID,
             "reserved_usd": 0.0,
@@ -101,14 +103,15 @@ def _envoy_answer() -> Any:
     )
     headers = {
         "x-budget-team-id": TEAM_ID,
-        "x-budget-reservation-id": RESERVATION_ID,
+        "x-budget-key-alias": KEY_ALIAS,
         "x-budget-remaining-usd": repr(MAX_BUDGET - SPEND),
+        "x-budget-reservation-id": RESERVATION_ID,
         "x-budget-reserved-usd": "0.0",
     }
     response = auth_pb.CheckResponse(
         ok_response=auth_pb.OkHttpResponse(
             headers=set_headers(headers),
-            headers_to_remove=["authorization", "x-budget-key-alias", "x-budget-model"],
+            headers_to_remove=["authorization", "x-budget-model"],
         ),
         dynamic_metadata=metadata,
     )

@@ -43,7 +43,7 @@ import bench
 from bench import cpu, report
 from bench.dataset import load_dataset
 from bench.envoy import EnvoyProcess
-from bench.floor import budgetd_uses_uvloop
+from bench.floor import KEY_ALIAS, budgetd_uses_uvloop
 from bench.grpc_load import ESTIMATE, MODEL, run_grpc_load
 from bench.h2load import LoadError, grpc_frame, grpc_status, run_h2load
 from bench.report import Row, Scalar, at_least, at_most, ratio
@@ -203,7 +203,7 @@ class Bench:
                 timeout=30,
             )
             issued = await stub.IssueKey(
-                pb.IssueKeyRequest(team_id=team.team_id, key_alias="bench"),
+                pb.IssueKeyRequest(team_id=team.team_id, key_alias=KEY_ALIAS),
                 metadata=ADMIN,
                 timeout=30,
             )
