@@ -462,22 +462,24 @@ def _order(pairs: tuple[tuple[T, U], ...], round_no: int) -> tuple[tuple[T, U], 
     return pairs if round_no % 2 else pairs[::-1]
 
 
-# budgetd's batching counters (server.metrics.BatchingCollector), unlabelled.
-BATCHING_COUNTERS = (
-    "budgetd_ledger_group_commits_total ",
-    "budgetd_ledger_group_commit_rows_total ",
-    "budgetd_redis_script_round_trips_total ",
-    "budgetd_redis_script_calls_total ",
-)
+# budgetd's batching counters (server.metrics.BatchingCollector, unlabelled), by short name.
+BATCHING_COUNTERS = {
+    short: f"budgetd_{short}_total"
+    for short in (
+        "ledger_group_commits",
+        "ledger_group_commit_rows",
+        "redis_script_round_trips",
+        "redis_script_calls",
+    )
+}
 
 
 def batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """What the ledger's group commits and the Redis pipelines carried between two scrapes:
     the counts, rows per commit and script calls per round trip (None where nothing went)."""
     grew = {
-        name.strip().removeprefix("budgetd_").removesuffix("_total"): after.get(name.strip(), 0.0)
-        - before.get(name.strip(), 0.0)
-        for name in BATCHING_COUNTERS
+        short: after.get(name, 0.0) - before.get(name, 0.0)
+        for short, name in BATCHING_COUNTERS.items()
     }
     commits, rows = grew["ledger_group_commits"], grew["ledger_group_commit_rows"]
     trips, calls = grew["redis_script_round_trips"], grew["redis_script_calls"]
@@ -529,9 +531,8 @@ def counters_of(exposition: str) -> dict[str, float]:
             totals["backend_errors"] = totals.get("backend_errors", 0.0) + float(
                 line.rsplit(" ", 1)[1]
             )
-        elif line.startswith(BATCHING_COUNTERS):
-            name, value = line.split(" ", 1)
-            totals[name] = float(value)
+        elif (name := line.partition(" ")[0]) in BATCHING_COUNTERS.values():
+            totals[name] = float(line.rsplit(" ", 1)[1])
     return totals
 
 

@@ -200,7 +200,7 @@ class BudgetdServer:
             if isinstance(counters, FailoverCounters)
             else None,
         )
-        self._watch_batching()
+        self._watch_batching(counters)
         self.admin = Admin(self._stores.records, self._stores.counters, self._clock, tz=tz)
         options = _SERVER_OPTIONS
         if self._reuse_port:  # one of the workers of `budgetd serve --workers N`
@@ -232,15 +232,13 @@ class BudgetdServer:
         )
         return self.port
 
-    def _watch_batching(self) -> None:
+    def _watch_batching(self, counters: CounterStore) -> None:
         """Point the batching metrics at the stores that batch: the ledger's group commits
-        (Postgres) and the Redis script pipelines, under the stores wrapped around them."""
+        (Postgres, under the record cache) and the Redis script pipelines (``counters``,
+        already without its lease layer; under the Postgres failover, if any)."""
         records = self._stores.records
         if isinstance(records, CachedRecords):
             records = records.inner
-        counters = self._stores.counters
-        if isinstance(counters, LeasingCounters):
-            counters = counters.inner
         if isinstance(counters, FailoverCounters):
             counters = counters.redis
         self.metrics.watch_batching(
