@@ -305,11 +305,11 @@ class Bench:
         )
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: CheckBudget with h2load")
-            for who, server in _order(pairs, round_no):
+            for who, server in alternating(pairs, round_no):
                 await self.h2load("h2load_check", who, server.port, frame, server.pid)
             self.say(f"round {round_no}/{self.o.rounds}: CheckBudget and RecordSpend, grpc_load")
             for rpc in ("check", "record"):
-                for who, server in _order(pairs, round_no):
+                for who, server in alternating(pairs, round_no):
                     # budgetd's RecordSpends: how many rows and calls its round trips carried.
                     metrics = server.metrics_port if isinstance(server, BudgetdProcess) else 0
                     before = await scrape(metrics) if rpc == "record" and metrics else None
@@ -325,7 +325,7 @@ class Bench:
             envoys[who] = envoy
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: wrk through Envoy")
-            for who, server in _order(pairs, round_no):
+            for who, server in alternating(pairs, round_no):
                 await self.envoy(who, envoys[who], key, server.pid)
         for envoy in envoys.values():
             await envoy.stop()
@@ -381,7 +381,7 @@ class Bench:
         )
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: --workers 1 vs 2 with h2load")
-            for workers, server in _order(tuple(servers.items()), round_no):
+            for workers, server in alternating(tuple(servers.items()), round_no):
                 await self.h2load(
                     "h2load_workers", f"workers_{workers}", server.port, frame, server.pid
                 )
@@ -456,9 +456,10 @@ class Bench:
         await self.measure_memory(database_url, redis_url)
 
 
-def _order(pairs: tuple[tuple[T, U], ...], round_no: int) -> tuple[tuple[T, U], ...]:
+def alternating(pairs: tuple[tuple[T, U], ...], round_no: int) -> tuple[tuple[T, U], ...]:
     """Reference first in odd rounds, subject first in even ones (A B B A ...), so that a
-    drift in the machine's speed over the run does not favour either."""
+    drift in the machine's speed over the run does not favour either (with more than two:
+    A B C, then C B A)."""
     return pairs if round_no % 2 else pairs[::-1]
 
 
