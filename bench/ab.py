@@ -2,15 +2,18 @@
 
 ``make bench`` says how far budgetd is from the floor; this says whether a change moved it.
 Each source is served as a ``budgetd serve`` of its own against one throwaway Postgres and
-Redis, all with the same key, and each round drives every one of them with the same load, in
-alternating order (A B C, then C B A, ...), so that a slow minute of this shared machine
-hits all of them. A source is a git revision (checked out in a throwaway worktree), a
-directory holding budgetd's source tree, ``.`` for this checkout as it is (uncommitted
-changes included), or ``floor`` for the no-op floor (:mod:`bench.floor`). Every source runs
-on this checkout's virtualenv, its ``server`` package taken from the source's tree.
+Redis, all with the same key, and each round drives every one of them with the same load
+(``--path``: CheckBudget with h2load, wrk through an Envoy in front of each, or durable
+RecordSpends with unique request ids from :mod:`bench.grpc_load`) in alternating order
+(A B C, then C B A, ...), so that a slow minute of this shared machine hits all of them.
+A source is a git revision (checked out in a throwaway worktree), a directory holding
+budgetd's source tree, ``.`` for this checkout as it is (uncommitted changes included), or
+``floor`` for the no-op floor (:mod:`bench.floor`). Every source runs on this checkout's
+virtualenv, its ``server`` package taken from the source's tree.
 
     python -m bench.ab main .                  # this change against main
     python -m bench.ab --path envoy floor .    # through Envoy's ext_authz, vs the floor
+    python -m bench.ab --path record main .    # durable RecordSpends
 
 It prints each round's figures and, per source, the median of its per-round ratios to the
 first source's: two processes of the same code differ by a few per cent here, so a change
@@ -34,7 +37,7 @@ from pathlib import Path
 import bench
 from bench import cpu
 from bench.envoy import EnvoyProcess
-from bench.grpc_load import ESTIMATE, MODEL
+from bench.grpc_load import ESTIMATE, MODEL, run_grpc_load
 from bench.h2load import grpc_frame, run_h2load
 from bench.run import CHECK_PATH, Bench, alternating, parse_options
 from bench.services import HOST, BudgetdProcess, FloorProcess
@@ -43,7 +46,7 @@ from bench.wrk import run_wrk
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 
 FLOOR = "floor"
-PATHS = ("check", "envoy")
+PATHS = ("check", "envoy", "record")
 
 
 @dataclass
@@ -158,7 +161,12 @@ async def measure(
     args: argparse.Namespace, each: Served, key: str, frame: Path, workdir: Path
 ) -> None:
     """One load run against one source; its result and loop CPU per request."""
-    if args.path == "envoy":
+    if args.path == "record":
+        run = run_grpc_load(
+            each.server.target, "record", workdir / "key.txt", workdir,
+            processes=1, concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
+        )  # fmt: skip
+    elif args.path == "envoy":
         assert each.envoy is not None
         run = run_wrk(
             each.envoy.url, [f"authorization: Bearer {key}"],
@@ -213,6 +221,7 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
                 envoy = EnvoyProcess(f"envoy-{len(harness.launched)}", workdir, each.server.port)
                 await harness.launch(envoy, envoy.start_serving)
                 each.envoy = envoy
+        (workdir / "key.txt").write_text(key + "\n")
         frame = workdir / "check.frame"
         frame.write_bytes(
             grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))

@@ -75,9 +75,11 @@ def test_sources_are_this_checkout_a_directory_or_a_revision(tmp_path: Path) -> 
         ab.source_tree("no-such-revision", trees, stack)
 
 
-def test_a_short_run_measures_every_source(capsys: pytest.CaptureFixture[str]) -> None:
-    """The floor and this checkout, one round of one second each, through h2load."""
-    assert ab.main(["--rounds", "1", "--seconds", "1", "--warmup", "0", "floor", "."]) == 0
+@pytest.mark.parametrize("path", ab.PATHS)
+def test_a_short_run_measures_every_source(path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The floor and this checkout, one round of one second each, on each path."""
+    argv = ["--path", path, "--rounds", "1", "--seconds", "1", "--warmup", "0", "floor", "."]
+    assert ab.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"0:floor", "1:."}
