@@ -35,18 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench
-from bench import cpu
 from bench.envoy import EnvoyProcess
-from bench.grpc_load import ESTIMATE, MODEL, run_grpc_load
-from bench.h2load import grpc_frame, run_h2load
-from bench.run import CHECK_PATH, Bench, alternating, parse_options
-from bench.services import HOST, BudgetdProcess, FloorProcess
+from bench.grpc_load import ESTIMATE, MODEL
+from bench.h2load import grpc_frame
+from bench.run import Bench, alternating, parse_options
+from bench.services import BudgetdProcess, FloorProcess
 from bench.stats import Result
-from bench.wrk import run_wrk
 from server.gen.budgetd.v1 import budgetd_pb2 as pb
 
 FLOOR = "floor"
-PATHS = ("check", "envoy", "record")
+# Each path's measurement, by its name in Bench (and in bench/run.py's JSON).
+MEASUREMENTS = {"check": "h2load_check", "envoy": "wrk_envoy", "record": "grpc_load_record"}
+PATHS = tuple(MEASUREMENTS)
 
 
 @dataclass
@@ -149,55 +149,31 @@ def source_tree(source: str, worktrees: Path, stack: contextlib.ExitStack) -> Pa
     return tree
 
 
-async def _loop_window(pid: int, start: float, length: float) -> float:
-    """CPU seconds the main thread of ``pid`` used in ``length`` seconds from ``start``."""
-    await asyncio.sleep(start)
-    before = cpu.thread_seconds(pid)
-    await asyncio.sleep(length)
-    return cpu.thread_seconds(pid) - before
-
-
 async def measure(
-    args: argparse.Namespace, each: Served, key: str, frame: Path, workdir: Path
+    harness: Bench, path: str, each: Served, key: str, frame: Path, keys_file: Path
 ) -> None:
-    """One load run against one source; its result and loop CPU per request."""
-    if args.path == "record":
-        run = run_grpc_load(
-            each.server.target, "record", workdir / "key.txt", workdir,
-            processes=1, concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
-        )  # fmt: skip
-    elif args.path == "envoy":
+    """One load run against one source, through the bench's own runners (which also read
+    where the CPU went); its result and loop CPU per request go to ``each``."""
+    server = each.server
+    if path == "record":
+        await harness.grpc_load("record", each.name, server.target, keys_file, server.pid)
+    elif path == "envoy":
         assert each.envoy is not None
-        run = run_wrk(
-            each.envoy.url, [f"authorization: Bearer {key}"],
-            connections=args.concurrency, seconds=args.seconds, warmup=args.warmup,
-        )  # fmt: skip
+        await harness.envoy(each.name, each.envoy, key, server.pid)
     else:
-        clients = min(8, args.concurrency)
-        run = run_h2load(
-            f"http://{HOST}:{each.server.port}{CHECK_PATH}", frame,
-            clients=clients, streams=max(1, args.concurrency // clients),
-            seconds=args.seconds, warmup=args.warmup, log_file=workdir / f"h2load-{each.name}.log",
-        )  # fmt: skip
-    margin = min(0.5, args.seconds / 10)
-    length = args.seconds - 2 * margin
-    window = asyncio.create_task(_loop_window(each.server.pid, args.warmup + margin, length))
-    try:
-        result = await run
-    except BaseException:
-        window.cancel()
-        raise
-    loop = await window if window.done() else None
-    if loop is None:
-        window.cancel()
-    each.results.append(result)
-    answered = result.rps * length
-    each.loop_us.append(1e6 * loop / answered if loop is not None and answered else None)
+        await harness.h2load(MEASUREMENTS[path], each.name, server.port, frame, server.pid)
+    name = MEASUREMENTS[path]
+    each.results.append(harness.raw[name][each.name][-1])
+    cpu_rounds = harness.cpu.get(name, {}).get(each.name)
+    each.loop_us.append(cpu_rounds[-1].get("loop") if cpu_rounds else None)
 
 
 async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -> list[Served]:
     async with contextlib.AsyncExitStack() as stack:
-        options = parse_options(["--seconds", str(args.seconds), "--warmup", str(args.warmup)])
+        options = parse_options(
+            ["--seconds", str(args.seconds), "--warmup", str(args.warmup),
+             "--concurrency", str(args.concurrency)]
+        )  # fmt: skip
         harness = Bench(options, stack, workdir)
         database_url, redis_url = await harness.start_services()
         served: list[Served] = []
@@ -221,20 +197,19 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
                 envoy = EnvoyProcess(f"envoy-{len(harness.launched)}", workdir, each.server.port)
                 await harness.launch(envoy, envoy.start_serving)
                 each.envoy = envoy
-        (workdir / "key.txt").write_text(key + "\n")
+        keys_file = workdir / "key.txt"
+        keys_file.write_text(key + "\n")
         frame = workdir / "check.frame"
         frame.write_bytes(
             grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))
         )
         for round_no in range(1, args.rounds + 1):
+            harness.say(f"round {round_no}/{args.rounds}")
             for _, each in alternating(tuple((each.name, each) for each in served), round_no):
-                await measure(args, each, key, frame, workdir)
-                last, loop = each.results[-1], each.loop_us[-1]
-                loop_text = f", loop {loop:.0f} µs/request" if loop is not None else ""
-                harness.say(
-                    f"round {round_no} {each.name}: {last.rps:.0f} req/s, "
-                    f"p99 {last.p99_ms:.2f} ms, {last.failed} failed{loop_text}"
-                )
+                await measure(harness, args.path, each, key, frame, keys_file)
+                loop = each.loop_us[-1]
+                if loop is not None:
+                    harness.say(f"  {each.name}: loop {loop:.0f} µs/request")
         return served
 
 
