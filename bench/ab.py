@@ -36,12 +36,9 @@ from pathlib import Path
 
 import bench
 from bench.envoy import EnvoyProcess
-from bench.grpc_load import ESTIMATE, MODEL
-from bench.h2load import grpc_frame
-from bench.run import Bench, alternating, parse_options
+from bench.run import Bench, alternating, check_frame, parse_options
 from bench.services import BudgetdProcess, FloorProcess
 from bench.stats import Result
-from server.gen.budgetd.v1 import budgetd_pb2 as pb
 
 FLOOR = "floor"
 # Each path's measurement, by its name in Bench (and in bench/run.py's JSON).
@@ -149,6 +146,37 @@ def source_tree(source: str, worktrees: Path, stack: contextlib.ExitStack) -> Pa
     return tree
 
 
+def source_trees(
+    sources: Sequence[str], workdir: Path, stack: contextlib.ExitStack
+) -> dict[str, Path]:
+    """The tree of each budgetd source (worktrees under ``workdir``, removed with ``stack``)."""
+    worktrees = workdir / "trees"
+    worktrees.mkdir()
+    return {
+        source: source_tree(source, worktrees, stack)
+        for source in dict.fromkeys(sources)
+        if source != FLOOR
+    }
+
+
+def source_server(
+    index: int,
+    source: str,
+    trees: dict[str, Path],
+    workdir: Path,
+    database_url: str,
+    redis_url: str,
+) -> BudgetdProcess | FloorProcess:
+    """The (not yet started) server of the ``index``-th source: the floor, or a ``budgetd
+    serve`` whose ``server`` package comes from the source's tree."""
+    if source == FLOOR:
+        return FloorProcess(workdir)
+    server = BudgetdProcess(f"budgetd-{index}", workdir, database_url, redis_url)
+    assert server.env is not None
+    server.env["PYTHONPATH"] = str(trees[source])
+    return server
+
+
 async def measure(
     harness: Bench, path: str, each: Served, key: str, frame: Path, keys_file: Path
 ) -> None:
@@ -179,13 +207,7 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
         served: list[Served] = []
         for index, source in enumerate(args.sources):
             name = f"{index}:{source}"
-            server: BudgetdProcess | FloorProcess
-            if source == FLOOR:
-                server = FloorProcess(workdir)
-            else:
-                server = BudgetdProcess(f"budgetd-{index}", workdir, database_url, redis_url)
-                assert server.env is not None
-                server.env["PYTHONPATH"] = str(trees[source])
+            server = source_server(index, source, trees, workdir, database_url, redis_url)
             harness.say(f"starting {name}")
             await harness.launch(server, server.start_serving)
             served.append(Served(name, server))
@@ -200,9 +222,7 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
         keys_file = workdir / "key.txt"
         keys_file.write_text(key + "\n")
         frame = workdir / "check.frame"
-        frame.write_bytes(
-            grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))
-        )
+        frame.write_bytes(check_frame(key))
         for round_no in range(1, args.rounds + 1):
             harness.say(f"round {round_no}/{args.rounds}")
             for _, each in alternating(tuple((each.name, each) for each in served), round_no):
@@ -231,13 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="budgetd-ab-")))
-        worktrees = workdir / "trees"
-        worktrees.mkdir()
-        trees = {
-            source: source_tree(source, worktrees, stack)
-            for source in dict.fromkeys(args.sources)
-            if source != FLOOR
-        }
+        trees = source_trees(args.sources, workdir, stack)
         served = asyncio.run(run(args, trees, workdir))
     print(report(summarise(served)))
     return 0

@@ -33,12 +33,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.ab import FLOOR, source_tree
-from bench.grpc_load import ESTIMATE, MODEL
-from bench.h2load import grpc_frame, grpc_headers, run_command
-from bench.run import CHECK_PATH, Bench, parse_options
+from bench.ab import FLOOR, source_server, source_trees
+from bench.h2load import grpc_headers, run_command
+from bench.run import CHECK_PATH, Bench, check_frame, parse_options
 from bench.services import HOST, BudgetdProcess, FloorProcess, ManagedProcess, wait_serving
-from server.gen.budgetd.v1 import budgetd_pb2 as pb
 
 # Starting under valgrind takes tens of seconds (every module imported is translated).
 START_LIMIT = 600.0
@@ -146,13 +144,7 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
         served: list[tuple[str, BudgetdProcess | FloorProcess, Path]] = []
         for index, source in enumerate(args.sources):
             name = f"{index}:{source}"
-            server: BudgetdProcess | FloorProcess
-            if source == FLOOR:
-                server = FloorProcess(workdir)
-            else:
-                server = BudgetdProcess(f"budgetd-{index}", workdir, database_url, redis_url)
-                assert server.env is not None
-                server.env["PYTHONPATH"] = str(trees[source])
+            server = source_server(index, source, trees, workdir, database_url, redis_url)
             out = workdir / f"callgrind-{index}.out"
             under_callgrind(server, out)
             harness.say(f"starting {name} under callgrind")
@@ -163,9 +155,7 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
         first = next(s for _, s, _ in served if isinstance(s, BudgetdProcess))
         key = await harness.issue_key(first.target)
         frame = workdir / "check.frame"
-        frame.write_bytes(
-            grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))
-        )
+        frame.write_bytes(check_frame(key))
         counts = []
         for name, server, out in served:
             await harness.verify_allowed(server.target, key, name)
@@ -184,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(Debian's valgrind and nghttp2-client)")  # fmt: skip
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="budgetd-ins-")))
-        worktrees = workdir / "trees"
-        worktrees.mkdir()
-        trees = {
-            source: source_tree(source, worktrees, stack)
-            for source in dict.fromkeys(args.sources)
-            if source != FLOOR
-        }
+        trees = source_trees(args.sources, workdir, stack)
         counts = asyncio.run(run(args, trees, workdir))
     print(report(counts))
     return 0

@@ -142,6 +142,11 @@ def parse_options(argv: list[str] | None) -> Options:
     return options
 
 
+def check_frame(key: str) -> bytes:
+    """The gRPC frame h2load posts: the bench's CheckBudget for ``key`` (an allow)."""
+    return grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))
+
+
 class Bench:
     """One run: the services it started, the figures it collected."""
 
@@ -290,9 +295,7 @@ class Bench:
     async def measure_main(self, budgetd: BudgetdProcess, floor: FloorProcess, key: str) -> None:
         """h2load, grpc_load and wrk, floor and budgetd alternating."""
         frame = self.workdir / "check.frame"
-        frame.write_bytes(
-            grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))
-        )
+        frame.write_bytes(check_frame(key))
         for who, port in (("floor", floor.port), ("budgetd", budgetd.port)):
             status = await grpc_status(f"http://{HOST}:{port}{CHECK_PATH}", frame)
             if status != 0:
@@ -376,9 +379,7 @@ class Bench:
         key = await self.issue_key(servers[1].target)
         await self.verify_allowed(servers[2].target, key, "budgetd --workers 2")
         frame = self.workdir / "check-workers.frame"
-        frame.write_bytes(
-            grpc_frame(pb.CheckBudgetRequest(api_key=key, model=MODEL, estimated_cost=ESTIMATE))
-        )
+        frame.write_bytes(check_frame(key))
         for round_no in range(1, self.o.rounds + 1):
             self.say(f"round {round_no}/{self.o.rounds}: --workers 1 vs 2 with h2load")
             for workers, server in alternating(tuple(servers.items()), round_no):
